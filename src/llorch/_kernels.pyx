@@ -1,0 +1,255 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The C kernels (csrc/llorch.h) for Python: argument checks, then the call without the GIL.
+
+Every array must be a C-contiguous numpy array of the stated dtype and shape; anything else is a
+ValueError naming the argument, never a read of the wrong memory. Shapes use the names of llorch.h.
+"""
+
+import numpy as np
+from libc.stdint cimport int32_t
+
+
+cdef extern from "llorch.h" nogil:
+    void ll_embed(float* out, const int32_t* tokens, const float* wte, const float* wpe,
+                  int T, int C, int start_pos)
+    void ll_layernorm(float* out, const float* inp, const float* weight, const float* bias,
+                      int T, int C, float eps)
+    void ll_linear(float* out, const float* inp, const float* weight, const float* bias,
+                   int T, int C, int OC)
+    void ll_gelu(float* out, const float* inp, int N)
+    void ll_residual(float* out, const float* a, const float* b, int N)
+    void ll_kv_write(float* k_cache, float* v_cache, const float* qkv,
+                     int T, int C, int NH, int start_pos, int maxT)
+    void ll_attention(float* out, float* scores, float* probs, const float* qkv,
+                      const float* k_cache, const float* v_cache,
+                      int T, int C, int NH, int start_pos, int maxT)
+    void ll_lm_head(float* logits, const float* inp, const float* wte, int T, int C, int V)
+    int ll_argmax(const float* x, int N)
+    int ll_select_simd(const char* name)
+    const char* ll_simd_selected()
+    const char* ll_simd_compiled()
+    const char* ll_simd_supported()
+    void ll_set_num_threads(int n)
+    int ll_max_threads()
+    int ll_parallel_team_size()
+    int ll_openmp_version()
+    const char* ll_compiler()
+
+
+cdef _array(a, str name, dtype, tuple shape, bint writable=False):
+    """Return `a` if it is a C-contiguous ndarray of dtype and shape (None in shape: any size)."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name}: expected a writable array")
+    if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):
+        wanted = ", ".join("?" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name}: expected shape ({wanted}), got {a.shape}")
+    return a
+
+
+cdef inline const float* _cptr(a):
+    cdef const float[::1] flat = a.reshape(-1)
+    return &flat[0] if flat.shape[0] else NULL
+
+
+cdef inline float* _ptr(a):
+    cdef float[::1] flat = a.reshape(-1)
+    return &flat[0] if flat.shape[0] else NULL
+
+
+def embed(out, tokens, wte, wpe, int start_pos):
+    """out [T, C] = wte[tokens] + wpe[start_pos : start_pos + T]; tokens int32 [T]."""
+    _array(wte, "wte", np.float32, (None, None))
+    cdef int V = wte.shape[0], C = wte.shape[1]
+    _array(tokens, "tokens", np.int32, (None,))
+    cdef int T = tokens.shape[0]
+    _array(out, "out", np.float32, (T, C), True)
+    _array(wpe, "wpe", np.float32, (None, C))
+    if T and (tokens.min() < 0 or tokens.max() >= V):
+        raise ValueError(f"tokens: ids must be in [0, {V}), got {tokens.min()}..{tokens.max()}")
+    if start_pos < 0 or start_pos + T > wpe.shape[0]:
+        raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context of {wpe.shape[0]}")
+    cdef const int32_t[::1] tok = tokens
+    cdef float* o = _ptr(out)
+    cdef const float* e = _cptr(wte)
+    cdef const float* p = _cptr(wpe)
+    cdef const int32_t* tp = &tok[0] if T else NULL
+    with nogil:
+        ll_embed(o, tp, e, p, T, C, start_pos)
+
+
+def layernorm(out, inp, weight, bias, float eps):
+    """out [T, C] = layernorm(inp [T, C]) * weight [C] + bias [C]."""
+    _array(inp, "inp", np.float32, (None, None))
+    cdef int T = inp.shape[0], C = inp.shape[1]
+    _array(out, "out", np.float32, (T, C), True)
+    _array(weight, "weight", np.float32, (C,))
+    _array(bias, "bias", np.float32, (C,))
+    cdef float* o = _ptr(out)
+    cdef const float* x = _cptr(inp)
+    cdef const float* w = _cptr(weight)
+    cdef const float* b = _cptr(bias)
+    with nogil:
+        ll_layernorm(o, x, w, b, T, C, eps)
+
+
+def linear(out, inp, weight, bias):
+    """out [T, OC] = inp [T, C] @ weight [C, OC] + bias [OC] (bias may be None)."""
+    _array(inp, "inp", np.float32, (None, None))
+    cdef int T = inp.shape[0], C = inp.shape[1]
+    _array(weight, "weight", np.float32, (C, None))
+    cdef int OC = weight.shape[1]
+    _array(out, "out", np.float32, (T, OC), True)
+    cdef const float* b = NULL
+    if bias is not None:
+        _array(bias, "bias", np.float32, (OC,))
+        b = _cptr(bias)
+    cdef float* o = _ptr(out)
+    cdef const float* x = _cptr(inp)
+    cdef const float* w = _cptr(weight)
+    with nogil:
+        ll_linear(o, x, w, b, T, C, OC)
+
+
+def gelu(out, inp):
+    """out = gelu_tanh(inp), any shape, same for both."""
+    _array(inp, "inp", np.float32, tuple(None for _ in range(np.ndim(inp))))
+    _array(out, "out", np.float32, inp.shape, True)
+    cdef float* o = _ptr(out)
+    cdef const float* x = _cptr(inp)
+    cdef int N = inp.size
+    with nogil:
+        ll_gelu(o, x, N)
+
+
+def residual(out, a, b):
+    """out = a + b, any shape, same for all three (out may be a or b)."""
+    _array(a, "a", np.float32, tuple(None for _ in range(np.ndim(a))))
+    _array(b, "b", np.float32, a.shape)
+    _array(out, "out", np.float32, a.shape, True)
+    cdef float* o = _ptr(out)
+    cdef const float* x = _cptr(a)
+    cdef const float* y = _cptr(b)
+    cdef int N = a.size
+    with nogil:
+        ll_residual(o, x, y, N)
+
+
+cdef _check_cache(qkv, k_cache, v_cache, int start_pos, int* T, int* C, int* NH, int* maxT):
+    _array(qkv, "qkv", np.float32, (None, None))
+    T[0] = qkv.shape[0]
+    if qkv.shape[1] % 3:
+        raise ValueError(f"qkv: expected shape (T, 3C), got {qkv.shape}")
+    C[0] = qkv.shape[1] // 3
+    _array(k_cache, "k_cache", np.float32, (None, None, None), True)
+    NH[0], maxT[0] = k_cache.shape[0], k_cache.shape[1]
+    if NH[0] == 0 or C[0] % NH[0] or k_cache.shape[2] != C[0] // NH[0]:
+        raise ValueError(f"k_cache: expected shape (NH, maxT, C/NH) with C = {C[0]}, got {k_cache.shape}")
+    _array(v_cache, "v_cache", np.float32, k_cache.shape, True)
+    if start_pos < 0 or start_pos + T[0] > maxT[0]:
+        raise ValueError(f"positions {start_pos}..{start_pos + T[0] - 1} exceed the cache of {maxT[0]}")
+
+
+def kv_write(k_cache, v_cache, qkv, int start_pos):
+    """Write k, v of qkv [T, 3C] into k_cache, v_cache [NH, maxT, HS] at positions start_pos.."""
+    cdef int T, C, NH, maxT
+    _check_cache(qkv, k_cache, v_cache, start_pos, &T, &C, &NH, &maxT)
+    cdef float* kc = _ptr(k_cache)
+    cdef float* vc = _ptr(v_cache)
+    cdef const float* x = _cptr(qkv)
+    with nogil:
+        ll_kv_write(kc, vc, x, T, C, NH, start_pos, maxT)
+
+
+def attention(out, probs, qkv, k_cache, v_cache, int start_pos, scores=None):
+    """out [T, C] = causal attention of qkv's queries over the cache; probs [NH, T, S] (and scores) filled."""
+    cdef int T, C, NH, maxT
+    _check_cache(qkv, k_cache, v_cache, start_pos, &T, &C, &NH, &maxT)
+    cdef int S = start_pos + T
+    _array(out, "out", np.float32, (T, C), True)
+    _array(probs, "probs", np.float32, (NH, T, S), True)
+    cdef float* sc = NULL
+    if scores is not None:
+        _array(scores, "scores", np.float32, (NH, T, S), True)
+        sc = _ptr(scores)
+    cdef float* o = _ptr(out)
+    cdef float* p = _ptr(probs)
+    cdef const float* x = _cptr(qkv)
+    cdef const float* kc = _cptr(k_cache)
+    cdef const float* vc = _cptr(v_cache)
+    with nogil:
+        ll_attention(o, sc, p, x, kc, vc, T, C, NH, start_pos, maxT)
+
+
+def lm_head(logits, inp, wte):
+    """logits [T, V] = inp [T, C] @ wte [V, C]^T."""
+    _array(inp, "inp", np.float32, (None, None))
+    cdef int T = inp.shape[0], C = inp.shape[1]
+    _array(wte, "wte", np.float32, (None, C))
+    cdef int V = wte.shape[0]
+    _array(logits, "logits", np.float32, (T, V), True)
+    cdef float* o = _ptr(logits)
+    cdef const float* x = _cptr(inp)
+    cdef const float* w = _cptr(wte)
+    with nogil:
+        ll_lm_head(o, x, w, T, C, V)
+
+
+def argmax(x):
+    """Index of the largest element of x [N] (first on ties)."""
+    _array(x, "x", np.float32, (None,))
+    if x.shape[0] == 0:
+        raise ValueError("x: argmax of an empty array")
+    cdef const float* p = _cptr(x)
+    cdef int N = x.shape[0]
+    cdef int i
+    with nogil:
+        i = ll_argmax(p, N)
+    return i
+
+
+def select_simd(str name):
+    """Use SIMD path `name` ("auto", "baseline", "avx2", "avx512") for every kernel from now on."""
+    if ll_select_simd(name.encode()) != 0:
+        raise ValueError(f"SIMD path {name!r} is not available here (compiled: {simd_compiled()}; "
+                         f"this CPU supports: {simd_supported()})")
+
+
+def simd_selected():
+    return ll_simd_selected().decode()
+
+
+def simd_compiled():
+    return ll_simd_compiled().decode()
+
+
+def simd_supported():
+    return ll_simd_supported().decode()
+
+
+def set_num_threads(int n):
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    ll_set_num_threads(n)
+
+
+def max_threads():
+    return ll_max_threads()
+
+
+def parallel_team_size():
+    """Run one OpenMP parallel region and return how many threads it had."""
+    return ll_parallel_team_size()
+
+
+def openmp_version():
+    return ll_openmp_version()
+
+
+def compiler():
+    return ll_compiler().decode()
