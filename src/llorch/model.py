@@ -1,0 +1,188 @@
+"""GPT-2: token + position embedding -> n_layer pre-LN blocks -> ln_f -> lm_head tied to wte.
+
+Every op runs in a C kernel (llorch._kernels); this file only decides the order, owns the buffers and
+the KV cache, and reports each validation checkpoint to an optional tracer (names: llorch.trace).
+
+The KV cache holds keys and values for every position of the context, per layer [NH, n_positions, HS].
+Its only state is how many positions are filled: forward(ids, start_pos) writes positions
+start_pos .. start_pos + T - 1 and reads 0 .. start_pos + T - 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _kernels as K
+from .checkpoint import load_weights, resolve_weight_files
+from .config import GPT2Config
+
+
+class ContextError(ValueError):
+    """A request that does not fit the model's context window (n_positions)."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block's weights, HF Conv1D layout ([in, out])."""
+    ln_1_w: np.ndarray
+    ln_1_b: np.ndarray
+    c_attn_w: np.ndarray   # [C, 3C]
+    c_attn_b: np.ndarray
+    attn_proj_w: np.ndarray  # [C, C]
+    attn_proj_b: np.ndarray
+    ln_2_w: np.ndarray
+    ln_2_b: np.ndarray
+    c_fc_w: np.ndarray     # [C, 4C]
+    c_fc_b: np.ndarray
+    mlp_proj_w: np.ndarray  # [4C, C]
+    mlp_proj_b: np.ndarray
+
+    @classmethod
+    def from_weights(cls, w: dict[str, np.ndarray], i: int) -> "Block":
+        h = f"h.{i}."
+        return cls(w[h + "ln_1.weight"], w[h + "ln_1.bias"],
+                   w[h + "attn.c_attn.weight"], w[h + "attn.c_attn.bias"],
+                   w[h + "attn.c_proj.weight"], w[h + "attn.c_proj.bias"],
+                   w[h + "ln_2.weight"], w[h + "ln_2.bias"],
+                   w[h + "mlp.c_fc.weight"], w[h + "mlp.c_fc.bias"],
+                   w[h + "mlp.c_proj.weight"], w[h + "mlp.c_proj.bias"])
+
+
+class Workspace:
+    """Activation buffers, grown (at least doubling) to the largest pass seen and then reused, so a decode
+    step allocates nothing even as the attended length grows."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        flat = self._flat.get(name)
+        if flat is None or flat.size < size:
+            grown = max(size, 2 * flat.size) if flat is not None else size
+            flat = self._flat[name] = np.empty(grown, dtype=np.float32)
+        return flat[:size].reshape(shape)
+
+
+class GPT2:
+    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], name: str = "gpt2") -> None:
+        self.config = config
+        self.name = name
+        self.wte = weights["wte.weight"]   # [V, C], also the lm_head
+        self.wpe = weights["wpe.weight"]   # [n_positions, C]
+        self.blocks = [Block.from_weights(weights, i) for i in range(config.n_layer)]
+        self.ln_f_w, self.ln_f_b = weights["ln_f.weight"], weights["ln_f.bias"]
+        cache_shape = (config.n_layer, config.n_head, config.n_positions, config.head_size)
+        # np.zeros maps untouched pages lazily: a short generation only pays for the positions it fills.
+        self.k_cache = np.zeros(cache_shape, dtype=np.float32)
+        self.v_cache = np.zeros(cache_shape, dtype=np.float32)
+        self.n_cached = 0   # positions 0 .. n_cached - 1 of the cache hold valid keys and values
+        self._ws = Workspace()
+
+    @property
+    def weight_bytes(self) -> int:
+        arrays = [self.wte, self.wpe, self.ln_f_w, self.ln_f_b]
+        arrays += [a for b in self.blocks for a in vars(b).values()]
+        return sum(a.nbytes for a in arrays)
+
+    def reset(self) -> None:
+        """Forget the cached sequence; the next forward must start at position 0."""
+        self.n_cached = 0
+
+    def forward(self, token_ids: Sequence[int] | np.ndarray, start_pos: int = 0, tracer=None,
+                logits: str = "all") -> np.ndarray:
+        """Run T tokens at positions start_pos.., continuing the cache; logits [T, V] ("all") or [1, V] ("last")."""
+        if logits not in ("all", "last"):
+            raise ValueError(f'logits must be "all" or "last", got {logits!r}')
+        return self._run(self._check_ids(token_ids, start_pos), start_pos, tracer, logits == "all").copy()
+
+    def generate(self, token_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 eos_token_id: int | None = None, tracer=None) -> Iterator[int]:
+        """Yield new token ids one by one (see llorch.generate.generate)."""
+        from .generate import generate
+        from .sampling import Sampler
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return generate(self, token_ids, max_new_tokens, sampler, eos_token_id=eos_token_id, tracer=tracer)
+
+    def _check_ids(self, token_ids, start_pos: int) -> np.ndarray:
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError("token_ids must be a non-empty 1-D sequence of integers")
+        V, P = self.config.vocab_size, self.config.n_positions
+        if ids.min() < 0 or ids.max() >= V:
+            raise ValueError(f"token ids must be in [0, {V}), got {ids.min()}..{ids.max()}")
+        if not 0 <= start_pos <= self.n_cached:
+            raise ValueError(f"start_pos {start_pos} must be in [0, {self.n_cached}] (positions cached so far)")
+        if start_pos + ids.size > P:
+            raise ContextError(f"{start_pos + ids.size} positions exceed the context of {P} tokens")
+        return ids.astype(np.int32)
+
+    def _run(self, ids: np.ndarray, start_pos: int, tracer, all_logits: bool) -> np.ndarray:
+        """The forward pass on checked int32 ids; returns a workspace view (valid until the next call)."""
+        cfg, ws = self.config, self._ws
+        T, C, NH, S = ids.size, cfg.n_embd, cfg.n_head, start_pos + ids.size
+        eps = cfg.layer_norm_epsilon
+        x = ws.get("x", (T, C))              # the residual stream
+        ln = ws.get("ln", (T, C))
+        qkv = ws.get("qkv", (T, 3 * C))
+        y = ws.get("y", (T, C))
+        proj = ws.get("proj", (T, C))
+        fc = ws.get("fc", (T, 4 * C))
+        probs = ws.get("probs", (NH, T, S))
+        scores = ws.get("scores", (NH, T, S)) if tracer else None
+        trace = tracer.record if tracer else None
+        if tracer:
+            tracer.start_forward(start_pos, T)
+
+        K.embed(x, ids, self.wte, self.wpe, start_pos)
+        if trace: trace("embed", None, x)
+        for i, b in enumerate(self.blocks):
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            K.layernorm(ln, x, b.ln_1_w, b.ln_1_b, eps)
+            if trace: trace("ln_1", i, ln)
+            K.linear(qkv, ln, b.c_attn_w, b.c_attn_b)
+            if trace: trace("attn.qkv", i, qkv)
+            K.kv_write(k_cache, v_cache, qkv, start_pos)
+            if trace: trace("attn.k_cache", i, k_cache[:, :S]); trace("attn.v_cache", i, v_cache[:, :S])
+            K.attention(y, probs, qkv, k_cache, v_cache, start_pos, scores)
+            if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
+            K.linear(proj, y, b.attn_proj_w, b.attn_proj_b)
+            if trace: trace("attn.proj", i, proj)
+            K.residual(x, x, proj)
+            if trace: trace("res_1", i, x)
+            K.layernorm(ln, x, b.ln_2_w, b.ln_2_b, eps)
+            if trace: trace("ln_2", i, ln)
+            K.linear(fc, ln, b.c_fc_w, b.c_fc_b)
+            if trace: trace("mlp.fc", i, fc)
+            K.gelu(fc, fc)
+            if trace: trace("mlp.gelu", i, fc)
+            K.linear(proj, fc, b.mlp_proj_w, b.mlp_proj_b)
+            if trace: trace("mlp.proj", i, proj)
+            K.residual(x, x, proj)
+            if trace: trace("block_out", i, x)
+        self.n_cached = S
+
+        K.layernorm(ln, x, self.ln_f_w, self.ln_f_b, eps)
+        if trace: trace("ln_f", None, ln)
+        rows = ln if all_logits else ln[T - 1:]
+        out = ws.get("logits", (rows.shape[0], cfg.vocab_size))
+        K.lm_head(out, rows, self.wte)
+        if trace:
+            trace("logits", None, out[-1:])
+            trace("next_token", None, np.array([K.argmax(out[-1])], dtype=np.int64))
+        return out
+
+
+def load(path: str | os.PathLike) -> GPT2:
+    """A GPT-2 from a Hugging Face directory (config.json + model.safetensors) or a .safetensors file
+    with its config.json beside it. Raises CheckpointError with a message naming what is wrong."""
+    path = os.fspath(path)
+    config_path, files = resolve_weight_files(path)
+    config = GPT2Config.from_json(config_path)
+    name = os.path.basename(os.path.normpath(os.path.dirname(config_path))) or path
+    return GPT2(config, load_weights(files, config), name=name)
