@@ -10,6 +10,7 @@ start_pos .. start_pos + T - 1 and reads 0 .. start_pos + T - 1.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 from . import _kernels as K
 from .checkpoint import load_weights, resolve_weight_files
 from .config import GPT2Config
+from .tokenizer import EOT_TOKEN
 
 
 class ContextError(ValueError):
@@ -68,6 +70,16 @@ class Workspace:
         return flat[:size].reshape(shape)
 
 
+def _resident_when_written(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 array in an anonymous mapping of 4 KiB pages, each resident only once written.
+
+    The KV cache covers the whole context, but a short generation should only pay for the positions it
+    fills; numpy's own large allocations ask for transparent huge pages, which would fault in 2 MiB at
+    every first write and make most of the cache resident at once."""
+    nbytes = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32).reshape(shape)
+
+
 class GPT2:
     def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], name: str = "gpt2") -> None:
         self.config = config
@@ -77,9 +89,8 @@ class GPT2:
         self.blocks = [Block.from_weights(weights, i) for i in range(config.n_layer)]
         self.ln_f_w, self.ln_f_b = weights["ln_f.weight"], weights["ln_f.bias"]
         cache_shape = (config.n_layer, config.n_head, config.n_positions, config.head_size)
-        # np.zeros maps untouched pages lazily: a short generation only pays for the positions it fills.
-        self.k_cache = np.zeros(cache_shape, dtype=np.float32)
-        self.v_cache = np.zeros(cache_shape, dtype=np.float32)
+        self.k_cache = _resident_when_written(cache_shape)
+        self.v_cache = _resident_when_written(cache_shape)
         self.n_cached = 0   # positions 0 .. n_cached - 1 of the cache hold valid keys and values
         self._ws = Workspace()
 
@@ -102,8 +113,9 @@ class GPT2:
 
     def generate(self, token_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None, tracer=None) -> Iterator[int]:
-        """Yield new token ids one by one (see llorch.generate.generate)."""
+                 eos_token_id: int | None = EOT_TOKEN, tracer=None) -> Iterator[int]:
+        """Yield new token ids one by one, stopping after <|endoftext|> unless eos_token_id is None
+        (see llorch.generate.generate)."""
         from .generate import generate
         from .sampling import Sampler
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

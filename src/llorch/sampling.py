@@ -1,7 +1,7 @@
 """Choosing the next token from the last position's logits.
 
 temperature 0 is greedy argmax (the reference path, computed by the C kernel). Otherwise the logits are
-divided by the temperature, cut to the top_k most likely tokens, then to the smallest set whose
+divided by the temperature, cut to the top_k most likely tokens (0 or None: no cut), then to the smallest set whose
 probability reaches top_p (the order HF transformers applies them), and one token is drawn with a seeded
 numpy Generator, so the same seed gives the same tokens.
 """
@@ -18,11 +18,11 @@ class Sampler:
                  seed: int | None = None) -> None:
         if not np.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-        if top_k is not None and (int(top_k) != top_k or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        if top_k is not None and (int(top_k) != top_k or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.temperature, self.top_k, self.top_p = temperature, top_k or None, top_p
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, logits: np.ndarray) -> int:

@@ -1,0 +1,198 @@
+"""llorch's model against HF transformers end to end: greedy generation, logits, loading variants, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import llorch
+from llorch.sampling import Sampler
+from llorch.testing import make_checkpoint
+from llorch.trace import CHECKPOINTS, Tracer, expected_shape
+
+torch.set_num_threads(2)
+enc = llorch.tokenizer()
+PROMPTS = ["Hello.", "Hello, I'm a language model,", "The quick brown fox", "In 1905, Einstein",
+           "def fibonacci(n):\n    "]
+
+
+@pytest.fixture(scope="module")
+def make(tmp_path_factory):
+    """make(shape, **options) -> checkpoint directory, written once per module."""
+    made = {}
+
+    def _make(shape, **options):
+        key = (shape, tuple(sorted(options.items())))
+        if key not in made:
+            directory = tmp_path_factory.mktemp(shape)
+            made[key] = make_checkpoint(directory, shape, seed=1, **options)
+        return made[key]
+    return _make
+
+
+def hf_model(path):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=llorch.EOT_TOKEN,
+                          pad_token_id=llorch.EOT_TOKEN, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "gpt2-medium"])
+def test_greedy_generation_equals_hf(make, shape):
+    path = make(shape)
+    model, hf = llorch.load(path), hf_model(path)
+    for prompt in PROMPTS:
+        ids = enc.encode(prompt)
+        ours = list(model.generate(ids, 64))
+        assert ours == hf_greedy(hf, ids, 64), prompt
+
+
+@pytest.mark.parametrize("shape", ["tiny", "gpt2", "distilgpt2", "odd", "head80"])
+def test_all_logits_match_hf(make, shape):
+    path = make(shape)
+    ids = enc.encode("Hello, I'm a language model, not a")
+    ours, ref = llorch.load(path).forward(ids), hf_logits(hf_model(path), ids)
+    assert ours.shape == ref.shape == (len(ids), 50257)
+    assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_kv_cache_decoding_equals_recomputing(make):
+    model = llorch.load(make("gpt2"))
+    ids = enc.encode("Hello, I'm a language model,")
+    generated = list(model.generate(ids, 8))
+    full = ids + generated
+    recomputed = model.forward(full)                     # every position at once, from scratch
+    model.reset()
+    incremental = [model.forward(ids)]
+    for pos, token in enumerate(generated, start=len(ids)):
+        incremental.append(model.forward([token], start_pos=pos))
+    incremental = np.concatenate(incremental)
+    assert incremental.shape == recomputed.shape
+    assert np.abs(incremental - recomputed).max() <= 1e-5 * np.abs(recomputed).max()
+
+
+def test_last_logits_is_the_last_row_of_all(make):
+    model = llorch.load(make("tiny"))
+    ids = enc.encode("Hello there")
+    all_rows = model.forward(ids, logits="all")
+    model.reset()
+    last = model.forward(ids, logits="last")
+    assert last.shape == (1, 50257)
+    np.testing.assert_array_equal(last[0], all_rows[-1])
+
+
+def test_trace_reports_every_checkpoint_with_the_table_shapes(make):
+    model = llorch.load(make("odd"))
+    cfg = model.config
+    tracer = Tracer()
+    prompt = enc.encode("Hello.")
+    list(model.generate(prompt, 3, tracer=tracer))
+    names_per_step = [c.name for c in CHECKPOINTS if not c.per_layer and c.name == "embed"]
+    names_per_step += [c.name for c in CHECKPOINTS if c.per_layer] * cfg.n_layer
+    names_per_step += [c.name for c in CHECKPOINTS if not c.per_layer and c.name != "embed"]
+    for step in range(3):
+        records = [r for r in tracer.records if r.step == step]
+        assert [r.name for r in records] == names_per_step
+        T, start_pos = (len(prompt), 0) if step == 0 else (1, len(prompt) + step - 1)
+        for r in records:
+            want = expected_shape(r.name, T=T, start_pos=start_pos, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                                  vocab_size=cfg.vocab_size)
+            assert r.value.shape == want, (r.name, r.layer, step)
+
+
+@pytest.mark.parametrize("options", [dict(prefix=True), dict(lm_head="present"), dict(dtype="float16"),
+                                     dict(dtype="bfloat16"), dict(variant="outliers"), dict(variant="big_ln")])
+def test_checkpoint_variants_load_like_hf(make, options):
+    path = make("tiny", **options)
+    ids = enc.encode("Hello, I'm a language model,")
+    ours, ref = llorch.load(path).forward(ids), hf_logits(hf_model(path), ids)
+    assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_load_a_safetensors_file_beside_its_config(make):
+    path = make("tiny")
+    ids = enc.encode("Hi")
+    np.testing.assert_array_equal(llorch.load(os.path.join(path, "model.safetensors")).forward(ids),
+                                  llorch.load(path).forward(ids))
+
+
+def test_context_is_never_silently_truncated(make):
+    model = llorch.load(make("tiny"))          # 128 positions
+    with pytest.raises(llorch.ContextError, match="exceeds the context of 128"):
+        model.generate([1] * 100, 29)
+    assert len(list(model.generate([1] * 100, 28))) == 28
+    with pytest.raises(llorch.ContextError):
+        model.forward([1] * 129)
+    model.reset()
+    with pytest.raises(ValueError, match="start_pos 5"):
+        model.forward([1], start_pos=5)        # nothing cached yet: positions 0..4 would be garbage
+    for bad in ([], [50257], [-1], [[1, 2]], [1.5]):
+        with pytest.raises(ValueError):
+            model.forward(bad)
+
+
+def test_sampling_is_seeded_and_respects_top_k_and_top_p(make):
+    model = llorch.load(make("tiny"))
+    ids = enc.encode("Hello")
+    greedy = list(model.generate(ids, 12))
+    sampled = list(model.generate(ids, 12, temperature=1.0, seed=7))
+    assert sampled == list(model.generate(ids, 12, temperature=1.0, seed=7))
+    assert sampled != list(model.generate(ids, 12, temperature=1.0, seed=8))
+    assert list(model.generate(ids, 12, temperature=0.8, top_k=1, seed=3)) == greedy
+    assert list(model.generate(ids, 12, temperature=0.8, top_p=1e-9, seed=3)) == greedy
+    logits = model.forward(ids)[-1]
+    top2 = set(np.argsort(-logits)[:2].tolist())
+    sampler = Sampler(temperature=5.0, top_k=2, seed=0)
+    assert {sampler(logits) for _ in range(200)} == top2
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-1),
+                                    dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_options_are_refused(make, kwargs):
+    with pytest.raises(ValueError):
+        llorch.load(make("tiny")).generate([1], 4, **kwargs)
+
+
+def test_bad_checkpoints_are_refused_with_a_message(make, tmp_path):
+    good = make("tiny")
+    with pytest.raises(llorch.CheckpointError, match="no such file"):
+        llorch.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(llorch.CheckpointError, match="no model.safetensors"):
+        llorch.load(tmp_path / "empty")
+    bad_config = tmp_path / "bad_config"
+    bad_config.mkdir()
+    os.symlink(os.path.join(good, "model.safetensors"), bad_config / "model.safetensors")
+    config = json.load(open(os.path.join(good, "config.json")))
+    json.dump({**config, "n_embd": 96, "n_head": 4}, open(bad_config / "config.json", "w"))
+    with pytest.raises(llorch.CheckpointError, match="has shape"):
+        llorch.load(bad_config)
+    json.dump({**config, "n_head": 5}, open(bad_config / "config.json", "w"))
+    with pytest.raises(llorch.CheckpointError, match="must divide"):
+        llorch.load(bad_config)
+
+
+def test_loading_124m_costs_little_more_than_the_weights(make):
+    """Weights are memory-mapped and the tied lm_head reads wte in place: peak RSS ~ weight bytes."""
+    path = make("gpt2")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) pytest parent.
+    script = ("import re, llorch; m = llorch.load(%r); list(m.generate([15496, 13], 8)); "
+              "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+              "print(m.weight_bytes, int(peak) * 1024)" % path)
+    weight_bytes, peak_rss = map(int, subprocess.check_output([sys.executable, "-c", script]).split())
+    assert weight_bytes == 124439808 * 4
+    assert peak_rss <= 1.15 * weight_bytes, f"peak RSS {peak_rss / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
