@@ -12,8 +12,12 @@ C = n_embd, NH = n_head, HS = C / NH, V = vocab_size. No batch dimension: llorch
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -59,8 +63,43 @@ def checkpoint_key(name: str, layer: int | None, step: int) -> str:
     if name not in CHECKPOINT_NAMES:
         raise ValueError(f"unknown checkpoint {name!r}")
     if (layer is not None) != (name in PER_LAYER):
-        raise ValueError(f"checkpoint {name!r} {'needs' if name in PER_LAYER else 'takes no'} a layer")
+        raise ValueError(f"checkpoint {name!r} {'needs a' if name in PER_LAYER else 'takes no'} layer")
     return f"s{step}.{name}" if layer is None else f"s{step}.h{layer}.{name}"
+
+
+_KEY_PATTERN = re.compile(r"s(\d+)\.(?:h(\d+)\.)?(.+)")
+
+
+def parse_key(key: str) -> tuple[str, int | None, int]:
+    """The inverse of checkpoint_key: 's2.h11.attn.probs' -> ('attn.probs', 11, 2). ValueError if not a key."""
+    match = _KEY_PATTERN.fullmatch(key)
+    if match is None:
+        raise ValueError(f"not a checkpoint key: {key!r}")
+    step, layer, name = match.groups()
+    layer = None if layer is None else int(layer)
+    checkpoint_key(name, layer, int(step))  # validates the name/layer pair
+    return name, layer, int(step)
+
+
+_TABLE_INDEX = {name: i for i, name in enumerate(CHECKPOINT_NAMES)}
+_FIRST_PER_LAYER = min(_TABLE_INDEX[name] for name in PER_LAYER)
+
+
+def key_order(key: str) -> tuple:
+    """Sort key putting checkpoints in the order a forward pass computes them: step, layer, table order."""
+    name, layer, step = parse_key(key)
+    index = _TABLE_INDEX[name]
+    if layer is None:  # embed comes before the blocks; ln_f, logits, next_token after them
+        layer = -1 if index < _FIRST_PER_LAYER else math.inf
+    return step, layer, index
+
+
+def forward_order(n_layer: int) -> list[tuple[str, int | None]]:
+    """Every (name, layer) one forward pass records, in the order it records them."""
+    before = [(c.name, None) for c in CHECKPOINTS[:_FIRST_PER_LAYER]]
+    blocks = [(c.name, layer) for layer in range(n_layer) for c in CHECKPOINTS if c.per_layer]
+    after = [(c.name, None) for c in CHECKPOINTS[_FIRST_PER_LAYER:] if not c.per_layer]
+    return before + blocks + after
 
 
 def expected_shape(name: str, *, T: int, start_pos: int, n_embd: int, n_head: int, vocab_size: int) -> tuple:
@@ -102,6 +141,10 @@ class Tracer:
                 return r.value
         raise KeyError(checkpoint_key(name, layer, step))
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every record by its key ('s0.h1.ln_2'), as a trace directory would hold them."""
+        return {checkpoint_key(r.name, r.layer, r.step): r.value for r in self.records}
+
 
 def summary_line(name: str, layer: int | None, step: int, value: np.ndarray) -> dict:
     """The trace.jsonl row for one checkpoint: readable by eye, identical in form for every implementation."""
@@ -140,3 +183,27 @@ class DirectoryTracer(Tracer):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TraceableModel(Protocol):
+    """What run_trace drives: llorch's GPT2 and every reference in tests/reference/."""
+
+    def forward(self, token_ids: Sequence[int], start_pos: int = 0, tracer: Tracer | None = None) -> np.ndarray:
+        """Logits [T, V] for token_ids at positions start_pos.. (cache positions beyond start_pos are rewritten)."""
+
+    def reset(self) -> None:
+        """Forget the KV cache."""
+
+
+def run_trace(model: TraceableModel, prompt_ids: Sequence[int], decode_ids: Sequence[int] = (),
+              tracer: Tracer | None = None) -> list[np.ndarray]:
+    """The prompt pass (step 0), then one teacher-forced single-token pass per decode id (steps 1, 2, ...).
+
+    Feeding given decode ids rather than each pass's argmax keeps two implementations on identical inputs
+    even where their argmaxes differ. Returns each pass's last-row logits [V].
+    """
+    model.reset()
+    last_logits = [model.forward(list(prompt_ids), start_pos=0, tracer=tracer)[-1]]
+    for position, token in enumerate(decode_ids, start=len(prompt_ids)):
+        last_logits.append(model.forward([token], start_pos=position, tracer=tracer)[-1])
+    return last_logits

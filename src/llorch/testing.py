@@ -1,0 +1,220 @@
+"""Seeded random GPT-2 checkpoints in Hugging Face's layout, for tests, benchmarks and docs.
+
+    path = make_checkpoint(tmp_dir, "gpt2", seed=0, variant="outliers", dtype="bfloat16")
+
+writes a directory that `GPT2LMHeadModel.from_pretrained` (and llorch) load like a downloaded model:
+config.json with HF's field names, model.safetensors with HF's tensor names and Conv1D `[in, out]` weight
+layouts, and the tokenizer files vocab.json / merges.txt. The same arguments always give the same bytes.
+
+Weights follow GPT-2's initialisation, N(0, 0.02) with the residual projections (c_proj) scaled by
+1/sqrt(2 n_layer), except that biases are small and non-zero and layer-norm gains are not exactly 1, so a
+forgotten bias or gain shows in a comparison. Variants make the activations look like a trained GPT-2:
+
+- "outliers": a few residual-stream dimensions carry activations in the hundreds (trained GPT-2 has such
+  dimensions): large, same-signed wte/wpe columns plus attention and MLP output biases on those dimensions
+  that grow the stream block by block. wte and wpe are 20x larger, so the ordinary dimensions are about
+  half a unit and the outliers some hundreds of times larger (not tens of thousands, which FP32 could not
+  follow). The layer-norm gains are rescaled so that every normalised activation stays O(1): the stream's
+  variance is almost all the outliers', so the ordinary dimensions get large gains -- which also amplifies
+  any rounding in the layer norms' mean and variance. The outlier columns of wte give every logit a large
+  common offset, as trained GPT-2's logits have.
+- "big_ln": layer-norm gains drawn from U(0.5, 4) and biases from N(0, 0.5), so normalised activations and
+  the GELU inputs reach well beyond the unit range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+VOCAB_SIZE = 50257
+EOT_TOKEN = 50256
+_DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int = 1024
+    vocab_size: int = VOCAB_SIZE
+
+
+SHAPES: dict[str, ModelShape] = {
+    "tiny": ModelShape(n_layer=2, n_embd=64, n_head=4, n_positions=128),
+    "gpt2": ModelShape(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": ModelShape(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": ModelShape(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": ModelShape(n_layer=48, n_embd=1600, n_head=25),
+    "distilgpt2": ModelShape(n_layer=6, n_embd=768, n_head=12),
+    # head_dim 20 (not a multiple of 16) and a width that is not a multiple of 64: exercises SIMD tails
+    "odd": ModelShape(n_layer=3, n_embd=120, n_head=6, n_positions=128),
+    # head_dim 80, as in gpt2-large
+    "head80": ModelShape(n_layer=2, n_embd=160, n_head=2, n_positions=128),
+}
+VARIANTS = ("normal", "outliers", "big_ln")
+DTYPES = ("float32", "float16", "bfloat16")
+LM_HEAD_MODES = ("absent", "present")
+
+_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_OUTLIER_PAIRS = 2
+_OUTLIER_EMBED_SCALE = 20.0
+
+
+def make_checkpoint(directory: str | os.PathLike, shape: str | ModelShape = "tiny", *, seed: int = 0,
+                    variant: str = "normal", dtype: str = "float32", prefix: bool = False,
+                    lm_head: str = "absent") -> str:
+    """Write a random GPT-2 checkpoint directory in Hugging Face's layout; returns its path.
+
+    shape: a name from SHAPES or a ModelShape. variant: "normal", "outliers" or "big_ln".
+    dtype: how the weights are stored ("float32", "float16", "bfloat16"); they are drawn in float32 first,
+    so the variants of one seed hold the same weights up to rounding. prefix: name the tensors
+    "transformer.wte.weight" etc. as GPT2LMHeadModel saves them, instead of "wte.weight" as the hub's gpt2
+    does. lm_head: "absent" (tied to wte, as on the hub) or "present" (an explicit `lm_head.weight` equal to wte).
+    """
+    dims = SHAPES[shape] if isinstance(shape, str) else shape
+    if variant not in VARIANTS or dtype not in DTYPES or lm_head not in LM_HEAD_MODES:
+        raise ValueError(f"variant must be one of {VARIANTS}, dtype one of {DTYPES}, lm_head one of {LM_HEAD_MODES}")
+    if dims.n_embd % dims.n_head:
+        raise ValueError(f"n_embd {dims.n_embd} is not a multiple of n_head {dims.n_head}")
+
+    weights = random_weights(dims, seed=seed, variant=variant)
+    if lm_head == "present":
+        weights["lm_head.weight"] = weights["wte.weight"]
+    if prefix:
+        weights = {("transformer." + k if k != "lm_head.weight" else k): v for k, v in weights.items()}
+
+    os.makedirs(directory, exist_ok=True)
+    write_safetensors(os.path.join(directory, "model.safetensors"), weights, dtype)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config(dims), f, indent=2, sort_keys=True)
+        f.write("\n")
+    shutil.copyfile(os.path.join(_DATA, "encoder.json"), os.path.join(directory, "vocab.json"))
+    shutil.copyfile(os.path.join(_DATA, "vocab.bpe"), os.path.join(directory, "merges.txt"))
+    return os.fspath(directory)
+
+
+def hf_config(dims: ModelShape) -> dict:
+    """config.json as Hugging Face's GPT2Config writes it (n_ctx too: GGUF converters read it)."""
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "n_layer": dims.n_layer, "n_embd": dims.n_embd, "n_head": dims.n_head, "n_inner": None,
+        "n_positions": dims.n_positions, "n_ctx": dims.n_positions, "vocab_size": dims.vocab_size,
+        "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "initializer_range": 0.02,
+        "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "tie_word_embeddings": True,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1, "use_cache": True,
+    }
+
+
+def random_weights(dims: ModelShape, *, seed: int = 0, variant: str = "normal") -> dict[str, np.ndarray]:
+    """float32 weights under Hugging Face's names (no prefix), in the order GPT2LMHeadModel saves them."""
+    rng = np.random.default_rng(seed)
+    C, L = dims.n_embd, dims.n_layer
+
+    def normal(shape: tuple, std: float) -> np.ndarray:
+        values = rng.standard_normal(shape, dtype=np.float32)
+        values *= np.float32(std)
+        return values
+
+    def layer_norm(name: str) -> dict[str, np.ndarray]:
+        if variant == "big_ln":
+            gain = rng.uniform(0.5, 4.0, C).astype(np.float32)
+            return {name + ".weight": gain, name + ".bias": normal((C,), 0.5)}
+        return {name + ".weight": 1 + normal((C,), 0.1), name + ".bias": normal((C,), 0.02)}
+
+    proj_std = 0.02 / np.sqrt(2 * L)  # GPT-2's scaled init of the layers that write to the residual stream
+    weights = {"wte.weight": normal((dims.vocab_size, C), 0.02), "wpe.weight": normal((dims.n_positions, C), 0.01)}
+    for i in range(L):
+        h = f"h.{i}."
+        weights |= layer_norm(h + "ln_1")
+        weights[h + "attn.c_attn.weight"] = normal((C, 3 * C), 0.02)
+        weights[h + "attn.c_attn.bias"] = normal((3 * C,), 0.01)
+        weights[h + "attn.c_proj.weight"] = normal((C, C), proj_std)
+        weights[h + "attn.c_proj.bias"] = normal((C,), 0.01)
+        weights |= layer_norm(h + "ln_2")
+        weights[h + "mlp.c_fc.weight"] = normal((C, 4 * C), 0.02)
+        weights[h + "mlp.c_fc.bias"] = normal((4 * C,), 0.01)
+        weights[h + "mlp.c_proj.weight"] = normal((4 * C, C), proj_std)
+        weights[h + "mlp.c_proj.bias"] = normal((C,), 0.01)
+    weights |= layer_norm("ln_f")
+    if variant == "outliers":
+        _add_outlier_dims(weights, dims, rng)
+    return weights
+
+
+def _add_outlier_dims(weights: dict[str, np.ndarray], dims: ModelShape, rng: np.random.Generator) -> None:
+    """A few residual dimensions at ~40 after the embedding, growing by ~70 per block (trained GPT-2 shows
+    such dimensions). They come in pairs of opposite sign and equal size, so they leave the stream's mean
+    alone (a mean in the tens would shift every ordinary dimension in the layer norms' centring). Every
+    layer norm's gains are rescaled for the stream it normalises, so its output stays O(1) in every
+    dimension and the blocks keep computing on unit-size inputs instead of going quiet."""
+    # the ordinary dims at about half a unit: the layer norms' rounding on them grows with the outliers' size
+    # over theirs, and an honest FP32 forward must stay within the tolerances
+    weights["wte.weight"] *= _OUTLIER_EMBED_SCALE
+    weights["wpe.weight"] *= _OUTLIER_EMBED_SCALE
+    outliers = np.sort(rng.choice(dims.n_embd, 2 * _OUTLIER_PAIRS, replace=False))
+    signs = np.tile(np.array([1.0, -1.0], dtype=np.float32), _OUTLIER_PAIRS)
+
+    def grow(name: str, low: float, high: float) -> np.ndarray:  # the same step in every row
+        step = signs * np.repeat(rng.uniform(low, high, _OUTLIER_PAIRS).astype(np.float32), 2)
+        weights[name][..., outliers] += step
+        return step
+
+    stream = grow("wte.weight", 20, 40) + grow("wpe.weight", 5, 15)
+    for i in range(dims.n_layer):
+        h = f"h.{i}."
+        _rescale_layer_norm(weights[h + "ln_1.weight"], outliers, stream, rng)
+        stream += grow(h + "attn.c_proj.bias", 2, 10)
+        _rescale_layer_norm(weights[h + "ln_2.weight"], outliers, stream, rng)
+        stream += grow(h + "mlp.c_proj.bias", 40, 80)
+    _rescale_layer_norm(weights["ln_f.weight"], outliers, stream, rng)
+
+
+def _rescale_layer_norm(gain: np.ndarray, outliers: np.ndarray, outlier_values: np.ndarray,
+                        rng: np.random.Generator) -> None:
+    """Scale a layer norm's gains so that both the ordinary dims (about the embedding's size) and the outlier
+    dims leave it at about unit size, as the stream's variance is almost all the outliers'."""
+    normal_std = _OUTLIER_EMBED_SCALE * np.hypot(0.02, 0.01)  # wte's and wpe's std: the embedding's
+    n_embd = gain.size
+    stream_std = np.sqrt((np.sum(outlier_values**2) + (n_embd - outliers.size) * normal_std**2) / n_embd)
+    ordinary = np.ones(n_embd, dtype=bool)
+    ordinary[outliers] = False
+    gain[ordinary] *= stream_std / normal_std
+    gain[outliers] = rng.uniform(1, 3, outliers.size) * stream_std / np.abs(outlier_values)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
+    """Write float32 arrays as a safetensors file, stored as `dtype` (bfloat16: round to nearest even).
+
+    Written by hand rather than with safetensors.numpy because numpy has no bfloat16; the format is an
+    8-byte little-endian header length, a JSON header of dtype/shape/byte offsets, then the raw bytes.
+    """
+    itemsize = 4 if dtype == "float32" else 2
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, values in tensors.items():
+        size = values.size * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(values.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for values in tensors.values():  # one tensor at a time: gpt2-xl need not be copied whole
+            f.write(_encode(np.ascontiguousarray(values, dtype=np.float32), dtype))
+
+
+def _encode(values: np.ndarray, dtype: str) -> bytes:
+    if dtype == "bfloat16":
+        bits = values.view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+        return rounded.astype("<u2").tobytes()
+    return values.astype("<f4" if dtype == "float32" else "<f2").tobytes()

@@ -1,0 +1,26 @@
+"""Independent GPT-2 references for the validation harness (test-only; none imports llorch's model).
+
+Each is a class built from a Hugging Face GPT-2 checkpoint directory, with its own KV cache and the
+llorch.trace protocol: `forward(token_ids, start_pos=0, tracer=None) -> logits [T, V]` and `reset()`.
+
+    numpy64.NumpyGPT2      float64 numpy, written from the spec: the oracle; mistakes can be injected
+    hf.HFGPT2              Hugging Face transformers' GPT2LMHeadModel, traced with forward hooks
+    tinygrad_ref.TinygradGPT2   tinygrad Tensor ops (CPU), written from the spec
+
+The three share no math: each reads the checkpoint and computes the forward its own way.
+"""
+
+REFERENCES = ("numpy64", "hf", "tinygrad")
+
+
+def build(name: str, checkpoint_dir: str, **options):
+    """The reference `name` (one of REFERENCES) for a checkpoint; imports only that one's framework."""
+    if name == "numpy64":
+        from .numpy64 import NumpyGPT2 as reference
+    elif name == "hf":
+        from .hf import HFGPT2 as reference
+    elif name == "tinygrad":
+        from .tinygrad_ref import TinygradGPT2 as reference
+    else:
+        raise ValueError(f"unknown reference {name!r}; expected one of {REFERENCES}")
+    return reference(checkpoint_dir, **options)

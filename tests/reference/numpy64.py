@@ -1,0 +1,162 @@
+"""GPT-2 in float64 numpy, written from the spec: the oracle every tolerance is judged against.
+
+Reads the checkpoint directory with nothing but json and numpy (its own safetensors reader), and computes
+each checkpoint of llorch.trace.CHECKPOINTS in float64:
+
+    x = wte[tokens] + wpe[positions]                                         embed
+    per block:  h = LN(x; ln_1)                                              ln_1
+                q | k | v = h @ c_attn.W + c_attn.b       (Conv1D: W is [in, out])  attn.qkv
+                cache[:, start_pos:S] = k, v              ([NH, S, HS])      attn.k_cache, attn.v_cache
+                scores = q k^T / sqrt(HS), future keys -inf                  attn.scores
+                probs = softmax(scores)                                      attn.probs
+                y = probs v, heads merged                                    attn.y
+                x = x + (y @ c_proj.W + c_proj.b)                            attn.proj, res_1
+                x = x + c_proj(gelu_tanh(LN(x; ln_2) @ c_fc.W + c_fc.b))     ln_2, mlp.fc, mlp.gelu, mlp.proj, block_out
+    LN(x; ln_f) @ wte^T, last row; its argmax                                ln_f, logits, next_token
+
+LN is (x - mean) / sqrt(biased var + eps) * weight + bias. lm_head is tied to wte.
+
+The mistakes of the project's first attempt can be switched on, so the tests can prove that llorch-compare
+catches each one at the checkpoint where it happens: `causal_mask=False` (future keys visible),
+`gelu="erf"` (the exact GELU instead of GPT-2's tanh approximation), `transpose_conv1d=True` (attn.c_proj
+applied as x @ W.T, i.e. HF's Conv1D [in, out] weight read as a torch Linear's [out, in]) and
+`cache_layout` "S,NH,HS" (the cache reported position-major) or "NH,maxT,HS" (the whole preallocated cache
+reported instead of its first S positions). The layout mistakes change only what is reported at the cache
+checkpoints; the attention itself stays right, so the comparison must flag them as shape mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import numpy as np
+
+CACHE_LAYOUTS = ("NH,S,HS", "S,NH,HS", "NH,maxT,HS")
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as float64 (F32, F16 and BF16 storage)."""
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+        data = f.read()
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        raw = data[begin:end]
+        if entry["dtype"] == "BF16":  # the upper half of a float32
+            values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = np.frombuffer(raw, {"F32": "<f4", "F16": "<f2"}[entry["dtype"]])
+        tensors[name] = values.astype(np.float64).reshape(entry["shape"])
+    return tensors
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + eps) * weight + bias
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+class NumpyGPT2:
+    def __init__(self, checkpoint_dir: str, *, causal_mask: bool = True, gelu: str = "tanh",
+                 transpose_conv1d: bool = False, cache_layout: str = "NH,S,HS") -> None:
+        if gelu not in ("tanh", "erf") or cache_layout not in CACHE_LAYOUTS:
+            raise ValueError(f"gelu must be 'tanh' or 'erf', cache_layout one of {CACHE_LAYOUTS}")
+        with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        self.n_layer, self.n_head = config["n_layer"], config["n_head"]
+        self.n_embd, self.n_positions = config["n_embd"], config["n_positions"]
+        self.eps = config["layer_norm_epsilon"]
+        tensors = read_safetensors(os.path.join(checkpoint_dir, "model.safetensors"))
+        self.w = {name.removeprefix("transformer."): value for name, value in tensors.items()}
+        self.causal_mask, self.transpose_conv1d, self.cache_layout = causal_mask, transpose_conv1d, cache_layout
+        self.gelu = gelu_tanh if gelu == "tanh" else gelu_erf
+        self.reset()
+
+    def reset(self) -> None:
+        head_size = self.n_embd // self.n_head
+        shape = (self.n_layer, self.n_head, self.n_positions, head_size)
+        self.k_cache, self.v_cache = np.zeros(shape), np.zeros(shape)
+        self.n_cached = 0
+
+    def forward(self, token_ids, start_pos: int = 0, tracer=None) -> np.ndarray:
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        T, S = len(tokens), start_pos + len(tokens)
+        if not 0 <= start_pos <= self.n_cached or S > self.n_positions:
+            raise ValueError(f"start_pos {start_pos} with {T} tokens: {self.n_cached} positions cached, "
+                             f"{self.n_positions} at most")
+        record = tracer.record if tracer is not None else lambda name, layer, value: None
+        if tracer is not None:
+            tracer.start_forward(start_pos, T)
+        w, C, NH = self.w, self.n_embd, self.n_head
+        HS = C // NH
+
+        x = w["wte.weight"][tokens] + w["wpe.weight"][start_pos:S]
+        record("embed", None, x)
+        for layer in range(self.n_layer):
+            p = f"h.{layer}."
+            h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], self.eps)
+            record("ln_1", layer, h)
+            qkv = h @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]
+            record("attn.qkv", layer, qkv)
+            q, k, v = (part.reshape(T, NH, HS).transpose(1, 0, 2) for part in np.split(qkv, 3, axis=1))
+            self.k_cache[layer, :, start_pos:S] = k
+            self.v_cache[layer, :, start_pos:S] = v
+            keys, values = self.k_cache[layer, :, :S], self.v_cache[layer, :, :S]
+            record("attn.k_cache", layer, self._reported_cache(self.k_cache[layer], S))
+            record("attn.v_cache", layer, self._reported_cache(self.v_cache[layer], S))
+            scores = q @ keys.transpose(0, 2, 1) / math.sqrt(HS)
+            if self.causal_mask:  # query t sits at position start_pos + t and sees keys 0 .. start_pos + t
+                future = np.arange(S)[None, :] > start_pos + np.arange(T)[:, None]
+                scores[:, future] = -np.inf
+            record("attn.scores", layer, scores)
+            exp = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs = exp / exp.sum(axis=-1, keepdims=True)
+            record("attn.probs", layer, probs)
+            y = (probs @ values).transpose(1, 0, 2).reshape(T, C)
+            record("attn.y", layer, y)
+            proj_weight = w[p + "attn.c_proj.weight"]
+            proj = y @ (proj_weight.T if self.transpose_conv1d else proj_weight) + w[p + "attn.c_proj.bias"]
+            record("attn.proj", layer, proj)
+            x = x + proj
+            record("res_1", layer, x)
+            h = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], self.eps)
+            record("ln_2", layer, h)
+            fc = h @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"]
+            record("mlp.fc", layer, fc)
+            activated = self.gelu(fc)
+            record("mlp.gelu", layer, activated)
+            mlp_out = activated @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+            record("mlp.proj", layer, mlp_out)
+            x = x + mlp_out
+            record("block_out", layer, x)
+        self.n_cached = S
+
+        h = layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], self.eps)
+        record("ln_f", None, h)
+        logits = h @ w["wte.weight"].T
+        record("logits", None, logits[-1:])
+        record("next_token", None, np.array([np.argmax(logits[-1])], dtype=np.int64))
+        return logits
+
+    def _reported_cache(self, cache: np.ndarray, S: int) -> np.ndarray:
+        """The layer cache [NH, maxT, HS] as this instance reports it (see cache_layout)."""
+        if self.cache_layout == "S,NH,HS":
+            return cache[:, :S].transpose(1, 0, 2)
+        if self.cache_layout == "NH,maxT,HS":
+            return cache
+        return cache[:, :S]
