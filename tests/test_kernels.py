@@ -1,0 +1,559 @@
+"""Every kernel of llorch._kernels against a float64 numpy version, on every SIMD path this CPU runs.
+
+Each comparison computes the reference in float64 from the very float32 inputs the kernel got and asserts,
+element by element,
+
+    |ours - ref| <= rtol * scale
+
+where `scale` is what bounds float32 rounding for that computation (u = 2**-24, float32's unit roundoff):
+
+- copies and single additions (embed, residual, kv_write): no tolerance. float32 `a + b` is correctly
+  rounded, so it equals the float64 sum rounded to float32; the kernels must match that bit for bit.
+- gelu: scale |x|, rtol 8u: a handful of roundings in x + 0.044715 x^3 and tanhf's few-ulp error, all
+  relative to x (for x << 0 the result is a cancellation, but its absolute error stays a few u |x|).
+- a dot product of length K (linear, lm_head, attention's scores and weighted sum of values): scale is the
+  sum of magnitudes sum_k |a_k b_k| (+ |bias|). Any summation order has error <= K u times it; with
+  independent rounding errors it grows like sqrt(K) u, so rtol = dot_rtol(K) = 4 u (sqrt(K) + 2), a margin
+  of about 4 standard deviations over the random walk (the measured errors are printed with `-s`).
+- layernorm: scale max|ref|. The mean of C float32 values has an error of about sqrt(C) u max|x|, which
+  after dividing by the standard deviation is relative to max|x| / std (`cond`): rtol = 8 u (1 + sqrt(C) cond).
+- softmax probabilities: relative to p itself. An absolute score error dz changes p by p (dz - E_p[dz]),
+  so rtol = 2 max dz + 4 u (sqrt(S) + 4) (the sum over S terms and the divide), plus a 1e-30 floor for
+  probabilities that underflow.
+
+The measured max(|ours - ref| / scale) per kernel and SIMD path is printed at the end of the module
+(`pytest -s tests/test_kernels.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llorch import _kernels as K
+
+U = 2.0 ** -24
+F32 = np.float32
+SIMD_PATHS = K.simd_supported().split()
+# One fixture (the SIMD path) is selected per test, not per example: it stays valid across examples.
+PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+MEASURED: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])  # worst ratio, worst / rtol
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_measured():
+    yield
+    print("\nmax |ours - ref| / scale per kernel and SIMD path (and as a fraction of rtol):")
+    for (kernel, path), (worst, used) in sorted(MEASURED.items()):
+        print(f"  {kernel:18s} {path:9s} {worst:9.3g}  ({used:.2f} of rtol)")
+
+
+@pytest.fixture(params=SIMD_PATHS)
+def simd(request):
+    """Run the test on one SIMD path; restore the previous selection afterwards."""
+    previous = K.simd_selected()
+    K.select_simd(request.param)
+    assert K.simd_selected() == request.param
+    yield request.param
+    K.select_simd(previous)
+
+
+# ---- helpers ----
+
+def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    return (rng.standard_normal(shape, dtype=F32) * F32(scale) + F32(offset)).astype(F32)
+
+
+def empty(*shape: int) -> np.ndarray:
+    """An output buffer full of NaN, so an element the kernel forgets to write shows up."""
+    return np.full(shape, np.nan, dtype=F32)
+
+
+def f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def dot_rtol(K_: int) -> float:
+    return 4 * U * (math.sqrt(K_) + 2)
+
+
+def check(kernel: str, got: np.ndarray, ref: np.ndarray, scale, rtol: float) -> None:
+    """Assert |got - ref| <= rtol * scale elementwise (scale: an array or a number); record the worst ratio."""
+    assert got.dtype == F32 and got.shape == ref.shape
+    assert not np.isnan(got).any(), f"{kernel}: NaN in the output (an element not written?)"
+    err = np.abs(f64(got) - ref)
+    err[got == ref] = 0.0          # equal infinities
+    scale = np.broadcast_to(f64(scale), err.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(err == 0, 0.0, err / scale)
+    worst = float(ratio.max()) if ratio.size else 0.0
+    path = K.simd_selected()
+    record = MEASURED[kernel, path]
+    record[:] = max(record[0], worst), max(record[1], worst / rtol)
+    assert worst <= rtol, (f"{kernel} [{path}]: max |ours - ref| / scale = {worst:.3g} > rtol {rtol:.3g} "
+                           f"at {np.unravel_index(ratio.argmax(), ratio.shape)}")
+
+
+def assert_bitwise(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    assert got.shape == want.shape, what
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"{what}: not bitwise equal"
+
+
+# ---- float64 references ----
+
+def ref_layernorm(x, w, b, eps):
+    x = f64(x)
+    mean = x.mean(axis=1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * f64(w) + f64(b)
+
+
+def ref_gelu_tanh(x):
+    x = f64(x)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def ref_gelu_erf(x):
+    x = f64(x)
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def ref_linear(x, w, b):
+    """(out, scale): out = x @ w + b in float64, scale = |x| @ |w| + |b| (the sum of magnitudes)."""
+    out, scale = f64(x) @ f64(w), np.abs(f64(x)) @ np.abs(f64(w))
+    if b is not None:
+        out, scale = out + f64(b), scale + np.abs(f64(b))
+    return out, scale
+
+
+def split_heads(a, NH):
+    """[T, C] -> [NH, T, HS]."""
+    T, C = a.shape
+    return f64(a).reshape(T, NH, C // NH).transpose(1, 0, 2)
+
+
+def ref_attention(q, k, v, start_pos):
+    """q [NH, T, HS], k, v [NH, S, HS] (float64) -> dict of scores, probs, out [T, C] and their error scales."""
+    NH, T, HS = q.shape
+    S = k.shape[1]
+    masked = np.arange(S)[None, :] > start_pos + np.arange(T)[:, None]            # [T, S]
+    scores = np.where(masked, -np.inf, q @ k.transpose(0, 2, 1) / math.sqrt(HS))
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    merge = lambda a: a.transpose(1, 0, 2).reshape(T, NH * HS)  # noqa: E731
+    return {"masked": masked, "scores": scores, "probs": probs, "out": merge(probs @ v),
+            "scores_scale": np.abs(q) @ np.abs(k).transpose(0, 2, 1) / math.sqrt(HS),
+            "out_scale": merge(probs @ np.abs(v))}
+
+
+# ---- embed, residual, kv_write: exact ----
+
+@pytest.mark.parametrize("T, C, start_pos", [(1, 1, 0), (1, 37, 5), (7, 120, 3), (64, 768, 960)])
+def test_embed(simd, T, C, start_pos):
+    rng = np.random.default_rng(T * 1000 + C)
+    V, maxT = 300, 1024
+    wte, wpe = randn(rng, V, C), randn(rng, maxT, C)
+    tokens = rng.integers(0, V, T, dtype=np.int32)
+    tokens[0] = V - 1
+    out = empty(T, C)
+    K.embed(out, tokens, wte, wpe, start_pos)
+    assert_bitwise(out, (f64(wte[tokens]) + f64(wpe[start_pos:start_pos + T])).astype(F32), "embed")
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (37,), (4, 120), (1024, 768)])
+@pytest.mark.parametrize("alias", ["none", "out=a", "out=b"])
+def test_residual(simd, shape, alias):
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    a, b = randn(rng, *shape), randn(rng, *shape, scale=1e-3)
+    want = (f64(a) + f64(b)).astype(F32)
+    out = {"none": empty(*shape), "out=a": a, "out=b": b}[alias]
+    K.residual(out, a, b)
+    assert_bitwise(out, want, f"residual {alias}")
+
+
+def filled_cache(rng, NH, maxT, HS, start_pos):
+    """k, v caches [NH, maxT, HS]: random history at positions < start_pos, NaN after (never to be read)."""
+    caches = []
+    for _ in range(2):
+        cache = np.full((NH, maxT, HS), np.nan, dtype=F32)
+        cache[:, :start_pos] = randn(rng, NH, start_pos, HS)
+        caches.append(cache)
+    return caches
+
+
+def write_and_check_cache(k_cache, v_cache, qkv, start_pos):
+    """kv_write, and check it copied k, v of qkv to positions [start_pos, S) exactly and touched nothing else."""
+    NH, maxT, HS = k_cache.shape
+    T, C = qkv.shape[0], qkv.shape[1] // 3
+    before = k_cache.copy(), v_cache.copy()
+    K.kv_write(k_cache, v_cache, qkv, start_pos)
+    S = start_pos + T
+    for cache, old, col in ((k_cache, before[0], 1), (v_cache, before[1], 2)):
+        want = old.copy()
+        want[:, start_pos:S] = qkv[:, col * C:(col + 1) * C].reshape(T, NH, HS).transpose(1, 0, 2)
+        assert_bitwise(cache, want, "kv_write")
+
+
+@pytest.mark.parametrize("NH, HS, T, start_pos, maxT", [(1, 1, 1, 0, 1), (4, 16, 5, 3, 16), (6, 20, 1, 127, 128),
+                                                         (12, 64, 7, 0, 1024), (2, 80, 2, 1022, 1024)])
+def test_kv_write(simd, NH, HS, T, start_pos, maxT):
+    rng = np.random.default_rng(NH * HS + T)
+    k_cache, v_cache = filled_cache(rng, NH, maxT, HS, start_pos)
+    write_and_check_cache(k_cache, v_cache, randn(rng, T, 3 * NH * HS), start_pos)
+    if start_pos + T < maxT:  # a decode step after the prompt
+        write_and_check_cache(k_cache, v_cache, randn(rng, 1, 3 * NH * HS), start_pos + T)
+
+
+# ---- elementwise and row-wise kernels ----
+
+GELU_POINTS = np.concatenate([np.linspace(-10, 10, 2001), [0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 30, -30,
+                                                            1e5, -1e5, 1e13, -1e13]]).astype(F32)
+
+
+@pytest.mark.parametrize("n", [1, 3, 37, 20000])   # 20000 > 16384: the threaded branch
+def test_gelu(simd, n):
+    rng = np.random.default_rng(n)
+    x = np.concatenate([GELU_POINTS, randn(rng, max(n - GELU_POINTS.size, 0), scale=3.0)])
+    x = rng.permutation(x)[:n]
+    out = empty(n)
+    K.gelu(out, x)
+    check("gelu", out, ref_gelu_tanh(x), np.abs(f64(x)), 8 * U)
+    inplace = x.copy()
+    K.gelu(inplace, inplace)           # the model runs it in place
+    assert_bitwise(inplace, out, "gelu in place")
+
+
+def test_gelu_is_the_tanh_approximation_not_erf(simd):
+    """The tanh form and the exact erf form differ by up to 4.7e-4 (at x = -2.7): far above our error."""
+    x = np.linspace(-6, 6, 1201).astype(F32)
+    out = empty(x.size)
+    K.gelu(out, x)
+    to_tanh = np.abs(f64(out) - ref_gelu_tanh(x)).max()
+    to_erf = np.abs(f64(out) - ref_gelu_erf(x)).max()
+    assert to_erf > 1e-4
+    assert to_tanh < to_erf / 100, f"gelu: {to_tanh:.3g} from the tanh form, {to_erf:.3g} from erf"
+
+
+def layernorm_case(rng, T, C, offset=0.0, spread=1.0, eps=1e-5):
+    x = randn(rng, T, C, scale=spread, offset=offset)
+    w, b = randn(rng, C, scale=0.5, offset=1.0), randn(rng, C, scale=0.1)
+    out = empty(T, C)
+    K.layernorm(out, x, w, b, eps)
+    ref = ref_layernorm(x, w, b, eps)
+    std = np.sqrt(f64(x).var(axis=1) + eps)
+    cond = float((np.abs(f64(x)).max(axis=1) / std).max())
+    check("layernorm", out, ref, np.abs(ref).max(), 8 * U * (1 + math.sqrt(C) * cond))
+
+
+@pytest.mark.parametrize("T, C, spread", [(1, 1, 1.0), (1, 3, 1.0), (5, 37, 1.0), (3, 120, 1.0), (1024, 64, 1.0),
+                                          (4, 768, 1.0), (2, 1600, 1.0),
+                                          (3, 50, 3e-3)])   # variance ~ eps: eps must sit inside the sqrt
+def test_layernorm(simd, T, C, spread):
+    layernorm_case(np.random.default_rng(T * C), T, C, spread=spread)
+
+
+@pytest.mark.parametrize("offset, spread", [(300.0, 1.0), (1000.0, 0.5), (-50.0, 0.01)])
+def test_layernorm_large_mean(simd, offset, spread):
+    """Rows far from zero (GPT-2's outlier dimensions): a one-pass E[x^2] - E[x]^2 would lose every digit."""
+    layernorm_case(np.random.default_rng(7), 6, 768, offset=offset, spread=spread)
+
+
+def linear_case(rng, T, C, OC, with_bias):
+    x, w = randn(rng, T, C), randn(rng, C, OC)
+    b = randn(rng, OC) if with_bias else None
+    out = empty(T, OC)
+    K.linear(out, x, w, b)
+    ref, scale = ref_linear(x, w, b)
+    check("linear" + ("+bias" if with_bias else ""), out, ref, scale, dot_rtol(C))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("T, C, OC", [(1, 1, 1), (1, 3, 3), (2, 37, 130), (3, 120, 64), (5, 120, 200),
+                                      (7, 1, 67), (1, 768, 2304), (6, 3072, 768), (1024, 37, 130)])
+def test_linear(simd, T, C, OC, with_bias):
+    linear_case(np.random.default_rng(T * C * OC), T, C, OC, with_bias)
+
+
+@PROPERTY
+@given(T=st.integers(1, 9), C=st.integers(1, 80), OC=st.integers(1, 160), with_bias=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_linear_property(simd, T, C, OC, with_bias, seed):
+    linear_case(np.random.default_rng(seed), T, C, OC, with_bias)
+
+
+@PROPERTY
+@given(T=st.integers(1, 6), C=st.integers(1, 300), offset=st.floats(-100, 100), seed=st.integers(0, 2**32 - 1))
+def test_layernorm_property(simd, T, C, offset, seed):
+    layernorm_case(np.random.default_rng(seed), T, C, offset=offset)
+
+
+def lm_head_case(rng, T, C, V):
+    x, wte = randn(rng, T, C), randn(rng, V, C, scale=0.02)
+    logits = empty(T, V)
+    K.lm_head(logits, x, wte)
+    ref, scale = ref_linear(x, wte.T, None)
+    check("lm_head", logits, ref, scale, dot_rtol(C))
+
+
+@pytest.mark.parametrize("T, C, V", [(1, 1, 1), (1, 3, 5), (2, 37, 257), (3, 120, 1027), (2, 768, 515),
+                                     (1, 64, 50257), (5, 20, 50257)])
+def test_lm_head(simd, T, C, V):
+    lm_head_case(np.random.default_rng(T + C + V), T, C, V)
+
+
+@PROPERTY
+@given(T=st.integers(1, 4), C=st.integers(1, 100), V=st.integers(1, 700), seed=st.integers(0, 2**32 - 1))
+def test_lm_head_property(simd, T, C, V, seed):
+    lm_head_case(np.random.default_rng(seed), T, C, V)
+
+
+# ---- attention ----
+
+def attention_case(rng, NH, HS, T, start_pos, maxT, q_scale=1.0):
+    """kv_write this pass into a partly filled cache, run attention with scores and probs; check all three."""
+    C, S = NH * HS, start_pos + T
+    k_cache, v_cache = filled_cache(rng, NH, maxT, HS, start_pos)
+    qkv = randn(rng, T, 3 * C)
+    qkv[:, :C] *= F32(q_scale)
+    write_and_check_cache(k_cache, v_cache, qkv, start_pos)
+
+    out, probs, scores = empty(T, C), empty(NH, T, S), empty(NH, T, S)
+    K.attention(out, probs, qkv, k_cache, v_cache, start_pos, scores)
+    ref = ref_attention(split_heads(qkv[:, :C], NH), f64(k_cache[:, :S]), f64(v_cache[:, :S]), start_pos)
+
+    masked = np.broadcast_to(ref["masked"], probs.shape)
+    assert np.all(scores[masked] == -np.inf), "masked scores must be -inf"
+    assert np.all(probs[masked] == 0.0), "masked probabilities must be exactly 0"
+    assert np.all(probs[~masked] >= 0.0)
+    score_rtol = dot_rtol(HS)
+    check("attention.scores", np.where(masked, 0, scores).astype(F32), np.where(masked, 0, ref["scores"]),
+          ref["scores_scale"], score_rtol)
+    max_dz = score_rtol * float(np.where(masked, 0, ref["scores_scale"]).max())
+    probs_rtol = 2 * max_dz + 4 * U * (math.sqrt(S) + 4)
+    check("attention.probs", probs, ref["probs"], ref["probs"] + 1e-30, probs_rtol)
+    check("attention.rowsum", probs.sum(axis=-1, dtype=np.float64).astype(F32), np.ones((NH, T)), 1.0,
+          4 * U * (math.sqrt(S) + 4) + 2 * max_dz)
+    check("attention.out", out, ref["out"], ref["out_scale"], probs_rtol + dot_rtol(S))
+    return scores, probs
+
+
+@pytest.mark.parametrize("NH, HS, T, start_pos, maxT", [
+    (1, 1, 1, 0, 1),          # the smallest
+    (4, 16, 5, 0, 8),         # prompt, cache longer than the pass
+    (6, 20, 3, 9, 32),        # head_dim 20, partly filled cache
+    (12, 64, 1, 17, 64),      # GPT-2 124M heads, decode
+    (2, 80, 4, 30, 40),       # head_dim 80 (gpt2-large)
+    (3, 7, 2, 5, 7),          # head_dim 7, cache filled to the end
+    (2, 64, 1024, 0, 1024),   # the whole context in one pass
+    (12, 64, 1, 1023, 1024),  # decode of the last position
+])
+def test_attention(simd, NH, HS, T, start_pos, maxT):
+    attention_case(np.random.default_rng(NH * 100 + T), NH, HS, T, start_pos, maxT)
+
+
+def test_attention_large_scores(simd):
+    """Scores in the hundreds: expf(score) overflows past 88.7, so the row max must be subtracted first."""
+    scores, probs = attention_case(np.random.default_rng(3), 4, 64, 6, 10, 32, q_scale=100.0)
+    assert (scores.max(axis=-1) > 89.0).mean() > 0.5    # most rows would overflow
+    assert probs.max() > 0.99                  # nearly one-hot, and finite (checked in attention_case)
+
+
+@PROPERTY
+@given(NH=st.integers(1, 4), HS=st.integers(1, 24), T=st.integers(1, 6), start_pos=st.integers(0, 12),
+       extra=st.integers(0, 3), seed=st.integers(0, 2**32 - 1))
+def test_attention_property(simd, NH, HS, T, start_pos, extra, seed):
+    attention_case(np.random.default_rng(seed), NH, HS, T, start_pos, start_pos + T + extra)
+
+
+# ---- row independence (spec 00, requirement 17): row t of a batch == the same row alone, bitwise ----
+
+def test_rows_independent_of_batch(simd):
+    rng = np.random.default_rng(11)
+    T, C, OC, V = 9, 120, 200, 300
+    x, w, b, wte = randn(rng, T, C), randn(rng, C, OC), randn(rng, OC), randn(rng, V, C)
+    ops = {"linear": (lambda o, r: K.linear(o, r, w, b), OC),
+           "layernorm": (lambda o, r: K.layernorm(o, r, w[:, 0].copy(), b[:C].copy(), 1e-5), C),
+           "lm_head": (lambda o, r: K.lm_head(o, r, wte), V)}
+    for name, (run, width) in ops.items():
+        batch = empty(T, width)
+        run(batch, x)
+        for t in range(T):
+            alone = empty(1, width)
+            run(alone, x[t:t + 1])
+            assert_bitwise(alone[0], batch[t], f"{name} row {t}")
+
+
+def test_attention_prefill_equals_decode(simd):
+    """A prompt pass of T tokens and T one-token decode steps give bitwise the same outputs and probs."""
+    rng = np.random.default_rng(5)
+    NH, HS, T, maxT = 3, 20, 6, 8
+    C = NH * HS
+    qkv = randn(rng, T, 3 * C)
+    caches = [np.zeros((NH, maxT, HS), F32) for _ in range(4)]
+    out, probs = empty(T, C), empty(NH, T, T)
+    K.kv_write(caches[0], caches[1], qkv, 0)
+    K.attention(out, probs, qkv, caches[0], caches[1], 0)
+    for t in range(T):
+        step, step_probs = empty(1, C), empty(NH, 1, t + 1)
+        K.kv_write(caches[2], caches[3], qkv[t:t + 1], t)
+        K.attention(step, step_probs, qkv[t:t + 1], caches[2], caches[3], t)
+        assert_bitwise(step[0], out[t], f"attention out, token {t}")
+        assert_bitwise(step_probs[:, 0], probs[:, t, :t + 1], f"attention probs, token {t}")
+
+
+# ---- argmax ----
+
+@pytest.mark.parametrize("values, want", [
+    ([1.0], 0),
+    ([0.0, 3.0, 3.0, 1.0], 1),                        # ties: the first
+    ([5.0, 5.0, 5.0], 0),
+    ([0.0, -0.0], 0), ([-0.0, 0.0], 0),               # equal values
+    ([np.nan, 1.0, 2.0], 2),                          # NaN never wins
+    ([1.0, np.nan, 0.5], 0),
+    ([2.0, 1.0, np.nan], 0),
+    ([np.nan, np.nan], 0),                            # all NaN: 0
+    ([-np.inf, -np.inf, -1e38], 2),
+    ([-np.inf, -np.inf], 0),
+    ([1.0, np.inf, np.inf], 1),
+])
+def test_argmax_cases(simd, values, want):
+    assert K.argmax(np.array(values, dtype=F32)) == want
+
+
+@pytest.mark.parametrize("n", [1, 3, 37, 50257])
+def test_argmax_random_with_ties(simd, n):
+    rng = np.random.default_rng(n)
+    x = rng.integers(-20, 20, n).astype(F32)         # many ties
+    assert K.argmax(x) == int(np.argmax(x))
+    x[rng.integers(0, n, n // 3)] = np.nan
+    finite = np.where(np.isnan(x), -np.inf, x)
+    want = int(np.argmax(finite)) if not np.isnan(x).all() else 0
+    assert K.argmax(x) == want
+
+
+# ---- argument checks in the Cython layer ----
+
+def valid_args() -> dict[str, dict]:
+    """One valid call of each kernel, as keyword arguments (T = 2, C = 6, NH = 2, V = 5, maxT = 4)."""
+    rng = np.random.default_rng(0)
+    T, C, NH, V, maxT = 2, 6, 2, 5, 4
+    cache = lambda: np.zeros((NH, maxT, C // NH), F32)  # noqa: E731
+    return {
+        "embed": dict(out=empty(T, C), tokens=np.array([0, V - 1], np.int32), wte=randn(rng, V, C),
+                      wpe=randn(rng, maxT, C), start_pos=1),
+        "layernorm": dict(out=empty(T, C), inp=randn(rng, T, C), weight=randn(rng, C), bias=randn(rng, C), eps=1e-5),
+        "linear": dict(out=empty(T, 3), inp=randn(rng, T, C), weight=randn(rng, C, 3), bias=randn(rng, 3)),
+        "gelu": dict(out=empty(T, C), inp=randn(rng, T, C)),
+        "residual": dict(out=empty(T, C), a=randn(rng, T, C), b=randn(rng, T, C)),
+        "kv_write": dict(k_cache=cache(), v_cache=cache(), qkv=randn(rng, T, 3 * C), start_pos=2),
+        "attention": dict(out=empty(T, C), probs=empty(NH, T, 3), qkv=randn(rng, T, 3 * C), k_cache=cache(),
+                          v_cache=cache(), start_pos=1, scores=empty(NH, T, 3)),
+        "lm_head": dict(logits=empty(T, V), inp=randn(rng, T, C), wte=randn(rng, V, C)),
+        "argmax": dict(x=randn(rng, V)),
+    }
+
+
+def as_float64(a): return a.astype(np.float64)
+def transposed(a): return np.asfortranarray(a)                      # same shape, a transposed layout
+def strided(a): return np.repeat(a, 2, axis=-1)[..., ::2]           # same shape and values, stride 2
+def read_only(a): a.setflags(write=False); return a                 # noqa: E702
+def one_more_row(a): return np.concatenate([a, a[:1]])
+def as_list(a): return a.tolist()
+
+
+BAD_ARGUMENTS = [
+    # kernel, argument, how it is spoiled, the message (a regex)
+    ("linear", "inp", as_float64, r"^inp: expected dtype float32, got float64"),
+    ("linear", "weight", transposed, r"^weight: expected a C-contiguous array"),
+    ("linear", "inp", strided, r"^inp: expected a C-contiguous array"),
+    ("linear", "out", one_more_row, r"^out: expected shape \(2, 3\), got \(3, 3\)"),
+    ("linear", "out", read_only, r"^out: expected a writable array"),
+    ("linear", "bias", lambda a: a[:2].copy(), r"^bias: expected shape \(3\)"),
+    ("linear", "weight", one_more_row, r"^weight: expected shape \(6, \?\)"),
+    ("layernorm", "weight", one_more_row, r"^weight: expected shape \(6\)"),
+    ("layernorm", "out", as_float64, r"^out: expected dtype float32"),
+    ("embed", "tokens", lambda t: t.astype(np.int64), r"^tokens: expected dtype int32, got int64"),
+    ("embed", "tokens", lambda t: t + 1, r"^tokens: ids must be in \[0, 5\), got 1\.\.5"),
+    ("embed", "tokens", lambda t: t - 1, r"^tokens: ids must be in \[0, 5\), got -1\.\.3"),
+    ("embed", "start_pos", lambda p: 3, r"positions 3\.\.4 exceed the context of 4"),
+    ("embed", "start_pos", lambda p: -1, r"positions -1\.\.0 exceed the context of 4"),
+    ("embed", "wte", as_list, r"^wte: expected a numpy array, got list"),
+    ("embed", "wpe", strided, r"^wpe: expected a C-contiguous array"),
+    ("gelu", "out", lambda a: a[:, :5].copy(), r"^out: expected shape \(2, 6\), got \(2, 5\)"),
+    ("gelu", "inp", as_float64, r"^inp: expected dtype float32"),
+    ("residual", "b", lambda a: a.reshape(-1).copy(), r"^b: expected shape \(2, 6\)"),
+    ("residual", "out", read_only, r"^out: expected a writable array"),
+    ("kv_write", "start_pos", lambda p: 3, r"positions 3\.\.4 exceed the cache of 4"),
+    ("kv_write", "k_cache", lambda c: c[:, :, :2].copy(), r"^k_cache: expected shape \(NH, maxT, C/NH\)"),
+    ("kv_write", "v_cache", read_only, r"^v_cache: expected a writable array"),
+    ("kv_write", "qkv", lambda a: a[:, :17].copy(), r"^qkv: expected shape \(T, 3C\)"),
+    ("attention", "probs", lambda a: a[:, :, :2].copy(), r"^probs: expected shape \(2, 2, 3\), got \(2, 2, 2\)"),
+    ("attention", "scores", as_float64, r"^scores: expected dtype float32"),
+    ("attention", "scores", strided, r"^scores: expected a C-contiguous array"),
+    ("attention", "v_cache", lambda c: c[:, :3].copy(), r"^v_cache: expected shape \(2, 4, 3\)"),
+    ("attention", "start_pos", lambda p: 3, r"positions 3\.\.4 exceed the cache of 4"),
+    ("attention", "k_cache", transposed, r"^k_cache: expected a C-contiguous array"),
+    ("lm_head", "wte", lambda w: np.ascontiguousarray(w[:, :5]), r"^wte: expected shape \(\?, 6\)"),
+    ("lm_head", "logits", strided, r"^logits: expected a C-contiguous array"),
+    ("lm_head", "inp", as_float64, r"^inp: expected dtype float32"),
+    ("argmax", "x", lambda x: x[:0], r"^x: argmax of an empty array"),
+    ("argmax", "x", lambda x: x.reshape(1, -1), r"^x: expected shape \(\?\)"),
+]
+
+
+@pytest.mark.parametrize("kernel", sorted(valid_args()))
+def test_valid_arguments_run(kernel):
+    """The unspoiled calls are accepted and fill their outputs, so each rejection below is caused by its one
+    bad argument."""
+    args = valid_args()[kernel]
+    result = getattr(K, kernel)(**args)
+    for name, a in args.items():
+        assert not (isinstance(a, np.ndarray) and np.isnan(a).any()), f"{kernel}: {name} not fully written"
+    assert result == (int(np.argmax(args["x"])) if kernel == "argmax" else None)
+
+
+def test_read_only_inputs_are_accepted():
+    """Weights come from a read-only mmap: inputs need not be writable."""
+    args = valid_args()["linear"]
+    for name in ("inp", "weight", "bias"):
+        read_only(args[name])
+    K.linear(**args)
+    assert np.isfinite(args["out"]).all()
+
+
+@pytest.mark.parametrize("kernel, name, spoil, message", BAD_ARGUMENTS,
+                         ids=[f"{k}-{n}-{s.__name__.strip('<>')}" for k, n, s, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_rejected(kernel, name, spoil, message):
+    args = valid_args()[kernel]
+    args[name] = spoil(args[name])
+    outputs = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray) and v.flags.writeable}
+    with pytest.raises(ValueError, match=message):
+        getattr(K, kernel)(**args)
+    for k, before in outputs.items():   # rejected before any C code wrote anything
+        np.testing.assert_array_equal(args[k], before, err_msg=f"{kernel} wrote {k} despite the error")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: K.select_simd("avx1024"), r"SIMD path 'avx1024' is not available"),
+    (lambda: K.set_num_threads(0), r"threads must be at least 1, got 0"),
+])
+def test_bad_configuration_is_rejected(call, message):
+    before = K.simd_selected(), K.max_threads()
+    with pytest.raises(ValueError, match=message):
+        call()
+    assert (K.simd_selected(), K.max_threads()) == before
+
+
+@pytest.mark.xfail(strict=True, reason="_kernels.pyx does not check overlap yet (spec 00 requires a ValueError); "
+                                       "linear(x, x, w, None) silently returns garbage")
+def test_output_overlapping_an_input_is_rejected():
+    rng = np.random.default_rng(0)
+    x, w = randn(rng, 4, 128), randn(rng, 128, 128)
+    with pytest.raises(ValueError):
+        K.linear(x, x, w, None)
