@@ -196,3 +196,16 @@ def test_loading_124m_costs_little_more_than_the_weights(make):
     weight_bytes, peak_rss = map(int, subprocess.check_output([sys.executable, "-c", script]).split())
     assert weight_bytes == 124439808 * 4
     assert peak_rss <= 1.15 * weight_bytes, f"peak RSS {peak_rss / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
+
+
+def test_batched_decoding_is_bitwise_what_each_sequence_gets_alone(make):
+    model = llorch.load(make("odd"))
+    caches, tokens, alone = [], [], []
+    for prompt in PROMPTS[:4]:                  # different lengths: each sequence at its own position
+        ids, cache = enc.encode(prompt), model.new_cache()
+        token = int(np.argmax(model.forward(ids, cache=cache, logits="last")))
+        alone.append(model.forward([token], start_pos=len(ids), cache=cache, logits="last"))
+        cache.length = len(ids)                 # rewind that decode step, to redo it batched
+        caches.append(cache)
+        tokens.append(token)
+    np.testing.assert_array_equal(model.decode_batch(tokens, caches), np.concatenate(alone))

@@ -26,17 +26,18 @@ def generate(model: GPT2, prompt_ids: Sequence[int], max_new_tokens: int, sample
     if n_prompt + max_new_tokens > context:
         raise ContextError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                            f"context of {context} tokens")
-    ids = model._check_ids(prompt_ids, 0)
+    ids = model._check_ids(prompt_ids, 0, model.cache)
     return _decode_loop(model, ids, max_new_tokens, sampler, eos_token_id, tracer)
 
 
 def _decode_loop(model, ids, max_new_tokens, sampler, eos_token_id, tracer) -> Iterator[int]:
-    logits = model._run(ids, 0, tracer, all_logits=False)
+    cache = model.cache
+    logits = model._run([(ids, 0, cache)], tracer, all_logits=False)
     pos = ids.size
     for produced in range(1, max_new_tokens + 1):
         token = sampler(logits[-1])
         yield token
         if token == eos_token_id or produced == max_new_tokens:
             return
-        logits = model._run(model._check_ids([token], pos), pos, tracer, all_logits=False)
+        logits = model._run([(model._check_ids([token], pos, cache), pos, cache)], tracer, all_logits=False)
         pos += 1

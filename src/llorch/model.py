@@ -3,9 +3,8 @@
 Every op runs in a C kernel (llorch._kernels); this file only decides the order, owns the buffers and
 the KV cache, and reports each validation checkpoint to an optional tracer (names: llorch.trace).
 
-The KV cache holds keys and values for every position of the context, per layer [NH, n_positions, HS].
-Its only state is how many positions are filled: forward(ids, start_pos) writes positions
-start_pos .. start_pos + T - 1 and reads 0 .. start_pos + T - 1.
+Several sequences can share a pass (decode_batch): their rows are stacked through every matrix and
+only the attention runs per sequence, each over its own KVCache.
 """
 
 from __future__ import annotations
@@ -80,6 +79,19 @@ def _resident_when_written(shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32).reshape(shape)
 
 
+class KVCache:
+    """Keys and values of one sequence at every layer and position: k, v [n_layer, NH, n_positions, HS].
+
+    Besides the arrays its only state is `length`, the number of positions filled: a pass at start_pos
+    writes positions start_pos.. and reads 0..start_pos + T - 1, so rewinding is just a smaller start_pos."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        shape = (config.n_layer, config.n_head, config.n_positions, config.head_size)
+        self.k = _resident_when_written(shape)
+        self.v = _resident_when_written(shape)
+        self.length = 0
+
+
 class GPT2:
     def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], name: str = "gpt2") -> None:
         self.config = config
@@ -88,10 +100,7 @@ class GPT2:
         self.wpe = weights["wpe.weight"]   # [n_positions, C]
         self.blocks = [Block.from_weights(weights, i) for i in range(config.n_layer)]
         self.ln_f_w, self.ln_f_b = weights["ln_f.weight"], weights["ln_f.bias"]
-        cache_shape = (config.n_layer, config.n_head, config.n_positions, config.head_size)
-        self.k_cache = _resident_when_written(cache_shape)
-        self.v_cache = _resident_when_written(cache_shape)
-        self.n_cached = 0   # positions 0 .. n_cached - 1 of the cache hold valid keys and values
+        self.cache = KVCache(config)       # the sequence of forward() and generate()
         self._ws = Workspace()
 
     @property
@@ -100,16 +109,33 @@ class GPT2:
         arrays += [a for b in self.blocks for a in vars(b).values()]
         return sum(a.nbytes for a in arrays)
 
+    def new_cache(self) -> KVCache:
+        """An empty cache for another sequence (forward(..., cache=) and decode_batch)."""
+        return KVCache(self.config)
+
     def reset(self) -> None:
         """Forget the cached sequence; the next forward must start at position 0."""
-        self.n_cached = 0
+        self.cache.length = 0
 
     def forward(self, token_ids: Sequence[int] | np.ndarray, start_pos: int = 0, tracer=None,
-                logits: str = "all") -> np.ndarray:
+                logits: str = "all", cache: KVCache | None = None) -> np.ndarray:
         """Run T tokens at positions start_pos.., continuing the cache; logits [T, V] ("all") or [1, V] ("last")."""
         if logits not in ("all", "last"):
             raise ValueError(f'logits must be "all" or "last", got {logits!r}')
-        return self._run(self._check_ids(token_ids, start_pos), start_pos, tracer, logits == "all").copy()
+        cache = cache or self.cache
+        segment = (self._check_ids(token_ids, start_pos, cache), start_pos, cache)
+        return self._run([segment], tracer, logits == "all").copy()
+
+    def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
+        """One new token for each of several sequences at once, each at its cache's next position.
+
+        The rows go through every matrix together (one weight read serves the whole batch); only the
+        attention is per sequence. Returns logits [B, V]; each row is bitwise what the sequence would
+        get alone, since every kernel computes a row independently of the others."""
+        if len(tokens) != len(caches) or not tokens:
+            raise ValueError("decode_batch needs one token per cache, at least one")
+        segments = [(self._check_ids([t], c.length, c), c.length, c) for t, c in zip(tokens, caches)]
+        return self._run(segments, None, all_logits=False).copy()
 
     def generate(self, token_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -121,23 +147,30 @@ class GPT2:
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return generate(self, token_ids, max_new_tokens, sampler, eos_token_id=eos_token_id, tracer=tracer)
 
-    def _check_ids(self, token_ids, start_pos: int) -> np.ndarray:
+    def _check_ids(self, token_ids, start_pos: int, cache: KVCache) -> np.ndarray:
         ids = np.asarray(token_ids)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError("token_ids must be a non-empty 1-D sequence of integers")
         V, P = self.config.vocab_size, self.config.n_positions
         if ids.min() < 0 or ids.max() >= V:
             raise ValueError(f"token ids must be in [0, {V}), got {ids.min()}..{ids.max()}")
-        if not 0 <= start_pos <= self.n_cached:
-            raise ValueError(f"start_pos {start_pos} must be in [0, {self.n_cached}] (positions cached so far)")
+        if not 0 <= start_pos <= cache.length:
+            raise ValueError(f"start_pos {start_pos} must be in [0, {cache.length}] (positions cached so far)")
         if start_pos + ids.size > P:
             raise ContextError(f"{start_pos + ids.size} positions exceed the context of {P} tokens")
         return ids.astype(np.int32)
 
-    def _run(self, ids: np.ndarray, start_pos: int, tracer, all_logits: bool) -> np.ndarray:
-        """The forward pass on checked int32 ids; returns a workspace view (valid until the next call)."""
+    def _run(self, segments: list[tuple[np.ndarray, int, KVCache]], tracer, all_logits: bool) -> np.ndarray:
+        """The forward pass over checked segments (int32 ids, start_pos, cache), their rows stacked.
+
+        Returns logits for every row, or for each segment's last row; a workspace view, valid until the
+        next call. A tracer sees one segment only (a trace is of one sequence)."""
         cfg, ws = self.config, self._ws
-        T, C, NH, S = ids.size, cfg.n_embd, cfg.n_head, start_pos + ids.size
+        T, C, NH = sum(ids.size for ids, _, _ in segments), cfg.n_embd, cfg.n_head
+        rows = []                            # each segment's rows in the stacked activations
+        for ids, _, _ in segments:
+            first = rows[-1].stop if rows else 0
+            rows.append(slice(first, first + ids.size))
         eps = cfg.layer_norm_epsilon
         x = ws.get("x", (T, C))              # the residual stream
         ln = ws.get("ln", (T, C))
@@ -145,24 +178,27 @@ class GPT2:
         y = ws.get("y", (T, C))
         proj = ws.get("proj", (T, C))
         fc = ws.get("fc", (T, 4 * C))
-        probs = ws.get("probs", (NH, T, S))
-        scores = ws.get("scores", (NH, T, S)) if tracer else None
         trace = tracer.record if tracer else None
         if tracer:
-            tracer.start_forward(start_pos, T)
+            assert len(segments) == 1, "a trace follows one sequence"
+            tracer.start_forward(segments[0][1], T)
 
-        K.embed(x, ids, self.wte, self.wpe, start_pos)
+        for (ids, start_pos, _), r in zip(segments, rows):
+            K.embed(x[r], ids, self.wte, self.wpe, start_pos)
         if trace: trace("embed", None, x)
         for i, b in enumerate(self.blocks):
-            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             K.layernorm(ln, x, b.ln_1_w, b.ln_1_b, eps)
             if trace: trace("ln_1", i, ln)
             K.linear(qkv, ln, b.c_attn_w, b.c_attn_b)
             if trace: trace("attn.qkv", i, qkv)
-            K.kv_write(k_cache, v_cache, qkv, start_pos)
-            if trace: trace("attn.k_cache", i, k_cache[:, :S]); trace("attn.v_cache", i, v_cache[:, :S])
-            K.attention(y, probs, qkv, k_cache, v_cache, start_pos, scores)
-            if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
+            for (ids, start_pos, cache), r in zip(segments, rows):
+                S = start_pos + ids.size
+                probs = ws.get("probs", (NH, ids.size, S))
+                scores = ws.get("scores", (NH, ids.size, S)) if tracer else None
+                K.kv_write(cache.k[i], cache.v[i], qkv[r], start_pos)
+                if trace: trace("attn.k_cache", i, cache.k[i, :, :S]); trace("attn.v_cache", i, cache.v[i, :, :S])
+                K.attention(y[r], probs, qkv[r], cache.k[i], cache.v[i], start_pos, scores)
+                if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
             K.linear(proj, y, b.attn_proj_w, b.attn_proj_b)
             if trace: trace("attn.proj", i, proj)
             K.residual(x, x, proj)
@@ -177,13 +213,19 @@ class GPT2:
             if trace: trace("mlp.proj", i, proj)
             K.residual(x, x, proj)
             if trace: trace("block_out", i, x)
-        self.n_cached = S
+        for (ids, start_pos, cache) in segments:
+            cache.length = start_pos + ids.size
 
         K.layernorm(ln, x, self.ln_f_w, self.ln_f_b, eps)
         if trace: trace("ln_f", None, ln)
-        rows = ln if all_logits else ln[T - 1:]
-        out = ws.get("logits", (rows.shape[0], cfg.vocab_size))
-        K.lm_head(out, rows, self.wte)
+        if all_logits:
+            last = ln
+        elif len(segments) == 1:
+            last = ln[T - 1:]
+        else:
+            last = np.take(ln, [r.stop - 1 for r in rows], axis=0, out=ws.get("last", (len(rows), C)))
+        out = ws.get("logits", (last.shape[0], cfg.vocab_size))
+        K.lm_head(out, last, self.wte)
         if trace:
             trace("logits", None, out[-1:])
             trace("next_token", None, np.array([K.argmax(out[-1])], dtype=np.int64))
