@@ -26,16 +26,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .trace import BY_NAME, Tracer, key_order, parse_key
+from .trace import BY_NAME, CHECKPOINT_NAMES, Tracer, json_number, key_order, parse_key
 
-PASS, FAIL, SHAPE_MISMATCH = "pass", "FAIL", "SHAPE MISMATCH"
+PASS, FAIL, SHAPE_MISMATCH, KIND_MISMATCH = "pass", "FAIL", "SHAPE MISMATCH", "KIND MISMATCH"
 MISSING_A, MISSING_B, UNKNOWN = "missing in A", "missing in B", "unknown checkpoint"
 
 
 @dataclass
 class Row:
     key: str
-    status: str                          # PASS, FAIL, SHAPE_MISMATCH, MISSING_A, MISSING_B or UNKNOWN
+    status: str                          # PASS, FAIL, SHAPE_MISMATCH, KIND_MISMATCH, MISSING_A/B or UNKNOWN
     shape_a: tuple | None = None
     shape_b: tuple | None = None
     max_abs: float | None = None         # max |a - b|; inf where an infinity is unmatched, nan where NaN shows
@@ -63,6 +63,8 @@ def compare_arrays(key: str, a: np.ndarray, b: np.ndarray, *, atol: float | None
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         return Row(key, SHAPE_MISMATCH, a.shape, b.shape)
+    if (a.dtype.kind == "f") != (b.dtype.kind == "f"):  # integer ids against floats; float widths may differ
+        return Row(key, KIND_MISMATCH, a.shape, b.shape)
     checkpoint = BY_NAME[parse_key(key)[0]]
     atol = checkpoint.atol if atol is None else atol
     rtol = checkpoint.rtol if rtol is None else rtol
@@ -148,26 +150,32 @@ def _shape(shape: tuple | None) -> str:
     return "-" if shape is None else "[" + ",".join(map(str, shape)) + "]"
 
 
+def _grouped_by_name(row: Row) -> tuple:
+    name, layer, step = parse_key(row.key)
+    return CHECKPOINT_NAMES.index(name), step, -1 if layer is None else layer
+
+
 def format_table(rows: list[Row]) -> str:
-    """The human-readable report: one line per checkpoint and a summary line."""
+    """The human-readable report: failures first, in forward order (the first one is where A and B part),
+    then the passes grouped by checkpoint name; a summary line last."""
+    failures = [r for r in rows if not r.passed]
+    passes = sorted((r for r in rows if r.passed), key=_grouped_by_name)
     header = ("checkpoint", "shape", "max|a-b|", "rel", "worst at", "allowed", "result")
     lines = [header]
-    for r in rows:
+    for r in failures + passes:
         shape = _shape(r.shape_a) if r.shape_a == r.shape_b else f"{_shape(r.shape_a)} vs {_shape(r.shape_b)}"
         worst = "-" if r.worst_index is None else "(" + ",".join(map(str, r.worst_index)) + ")"
         lines.append((r.key, shape, _number(r.max_abs), _number(r.max_rel), worst, _number(r.tolerance), r.status))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    failed = sum(not r.passed for r in rows)
-    summary = f"{len(rows)} checkpoints: {len(rows) - failed} pass, {failed} fail"
-    first = first_failure(rows)
-    if first is not None:
-        summary += f"; first failure: {first.key} ({first.status})"
+    summary = f"{len(rows)} checkpoints: {len(passes)} pass, {len(failures)} fail"
+    if failures:
+        summary += f"; first failure: {failures[0].key} ({failures[0].status})"
     return "\n".join(text + [summary])
 
 
-def _json_number(x):
-    return x if x is None or math.isfinite(x) else str(x)  # strict JSON has no inf or nan
+def _json_or_none(x: float | None) -> float | str | None:
+    return None if x is None else json_number(x)
 
 
 def rows_to_json(rows: list[Row]) -> str:
@@ -175,8 +183,8 @@ def rows_to_json(rows: list[Row]) -> str:
     report = {
         "passed": first is None,
         "first_failure": None if first is None else first.key,
-        "rows": [dict(asdict(r), passed=r.passed, max_abs=_json_number(r.max_abs),
-                      max_rel=_json_number(r.max_rel)) for r in rows],
+        "rows": [dict(asdict(r), passed=r.passed, max_abs=_json_or_none(r.max_abs),
+                      max_rel=_json_or_none(r.max_rel)) for r in rows],
     }
     return json.dumps(report, indent=1)
 
@@ -199,6 +207,7 @@ def plot_rows(rows: list[Row], path: str) -> None:
     figure, axes = plt.subplots(n_rows, columns, squeeze=False, sharey=True, layout="constrained",
                                 figsize=(4.5 * columns + 1.5, 3.8 * n_rows))
     ceiling = 1e3  # unmatched shapes, infinities and NaN are drawn at the top
+    colours = plt.get_cmap("tab20")
     for panel, step in zip(axes.flat, steps):
         points = by_step[step]
         n_layer = 1 + max((layer for _, layer, _ in points if layer is not None), default=-1)
@@ -209,7 +218,8 @@ def plot_rows(rows: list[Row], path: str) -> None:
             else:
                 xs = [layer for layer, _ in mine]
             ys = [min(max(ratio, 1e-4), ceiling) for _, ratio in mine]
-            panel.plot(xs, ys, marker="o", markersize=3, label=name)
+            index = CHECKPOINT_NAMES.index(name)  # one colour and marker per kind, the same in every panel
+            panel.plot(xs, ys, marker="os^vD"[index % 5], markersize=3, color=colours(index), label=name)
         panel.axhline(1.0, color="red", linestyle="--", linewidth=1)
         panel.set_yscale("log")
         panel.set_title(f"step {step}")
@@ -267,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare_mappings(*traces, atol=args.atol, rtol=args.rtol, only=args.only)
     if not rows:
         parser.error(f"no checkpoint matches --only {args.only!r}")
-    print(rows_to_json(rows) if args.json else format_table(rows))
+    try:
+        print(rows_to_json(rows) if args.json else format_table(rows), flush=True)
+    except BrokenPipeError:  # piped into head: the rest of the report is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.plot:
         plot_rows(rows, args.plot)
     return 0 if first_failure(rows) is None else 1

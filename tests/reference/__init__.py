@@ -12,6 +12,11 @@ The three share no math: each reads the checkpoint and computes the forward its 
 
 REFERENCES = ("numpy64", "hf", "tinygrad")
 
+# The harness's input: a prompt pass of T = 8 (so a missing causal mask shows), then three teacher-forced
+# decode steps (so a cache that forgets the past shows).
+PROMPT_IDS = (15496, 11, 314, 1101, 257, 3303, 2746, 11)  # "Hello, I'm a language model,"
+DECODE_IDS = (290, 314, 716)                                # " and I am"
+
 
 def build(name: str, checkpoint_dir: str, **options):
     """The reference `name` (one of REFERENCES) for a checkpoint; imports only that one's framework."""

@@ -19,10 +19,10 @@ LN is (x - mean) / sqrt(biased var + eps) * weight + bias. lm_head is tied to wt
 The mistakes of the project's first attempt can be switched on, so the tests can prove that llorch-compare
 catches each one at the checkpoint where it happens: `causal_mask=False` (future keys visible),
 `gelu="erf"` (the exact GELU instead of GPT-2's tanh approximation), `transpose_conv1d=True` (attn.c_proj
-applied as x @ W.T, i.e. HF's Conv1D [in, out] weight read as a torch Linear's [out, in]) and
-`cache_layout` "S,NH,HS" (the cache reported position-major) or "NH,maxT,HS" (the whole preallocated cache
-reported instead of its first S positions). The layout mistakes change only what is reported at the cache
-checkpoints; the attention itself stays right, so the comparison must flag them as shape mismatches.
+applied as x @ W.T, i.e. HF's Conv1D [in, out] weight read as a torch Linear's [out, in]),
+`kv_cache="current_pass"` (a cache holding only this pass's keys and values: the prompt pass is right, every
+decode step attends to itself alone) and `cache_layout="S,NH,HS"` (the cache reported position-major; only
+what is reported changes, the attention stays right, so the comparison must call it a shape mismatch).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import struct
 
 import numpy as np
 
-CACHE_LAYOUTS = ("NH,S,HS", "S,NH,HS", "NH,maxT,HS")
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -73,9 +72,10 @@ def gelu_erf(x: np.ndarray) -> np.ndarray:
 
 class NumpyGPT2:
     def __init__(self, checkpoint_dir: str, *, causal_mask: bool = True, gelu: str = "tanh",
-                 transpose_conv1d: bool = False, cache_layout: str = "NH,S,HS") -> None:
-        if gelu not in ("tanh", "erf") or cache_layout not in CACHE_LAYOUTS:
-            raise ValueError(f"gelu must be 'tanh' or 'erf', cache_layout one of {CACHE_LAYOUTS}")
+                 transpose_conv1d: bool = False, kv_cache: str = "full", cache_layout: str = "NH,S,HS") -> None:
+        if gelu not in ("tanh", "erf") or kv_cache not in ("full", "current_pass") \
+                or cache_layout not in ("NH,S,HS", "S,NH,HS"):
+            raise ValueError(f"unknown option among gelu={gelu!r}, kv_cache={kv_cache!r}, cache_layout={cache_layout!r}")
         with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
@@ -83,7 +83,8 @@ class NumpyGPT2:
         self.eps = config["layer_norm_epsilon"]
         tensors = read_safetensors(os.path.join(checkpoint_dir, "model.safetensors"))
         self.w = {name.removeprefix("transformer."): value for name, value in tensors.items()}
-        self.causal_mask, self.transpose_conv1d, self.cache_layout = causal_mask, transpose_conv1d, cache_layout
+        self.causal_mask, self.transpose_conv1d = causal_mask, transpose_conv1d
+        self.kv_cache, self.cache_layout = kv_cache, cache_layout
         self.gelu = gelu_tanh if gelu == "tanh" else gelu_erf
         self.reset()
 
@@ -114,14 +115,18 @@ class NumpyGPT2:
             qkv = h @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]
             record("attn.qkv", layer, qkv)
             q, k, v = (part.reshape(T, NH, HS).transpose(1, 0, 2) for part in np.split(qkv, 3, axis=1))
-            self.k_cache[layer, :, start_pos:S] = k
-            self.v_cache[layer, :, start_pos:S] = v
-            keys, values = self.k_cache[layer, :, :S], self.v_cache[layer, :, :S]
-            record("attn.k_cache", layer, self._reported_cache(self.k_cache[layer], S))
-            record("attn.v_cache", layer, self._reported_cache(self.v_cache[layer], S))
+            if self.kv_cache == "full":
+                self.k_cache[layer, :, start_pos:S] = k
+                self.v_cache[layer, :, start_pos:S] = v
+                keys, values, first_key = self.k_cache[layer, :, :S], self.v_cache[layer, :, :S], 0
+            else:  # the mistake: only this pass's keys and values
+                keys, values, first_key = k, v, start_pos
+            record("attn.k_cache", layer, self._reported_cache(keys))
+            record("attn.v_cache", layer, self._reported_cache(values))
             scores = q @ keys.transpose(0, 2, 1) / math.sqrt(HS)
-            if self.causal_mask:  # query t sits at position start_pos + t and sees keys 0 .. start_pos + t
-                future = np.arange(S)[None, :] > start_pos + np.arange(T)[:, None]
+            if self.causal_mask:  # query t sits at position start_pos + t and sees keys up to there
+                key_positions = first_key + np.arange(keys.shape[1])
+                future = key_positions[None, :] > start_pos + np.arange(T)[:, None]
                 scores[:, future] = -np.inf
             record("attn.scores", layer, scores)
             exp = np.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -153,10 +158,6 @@ class NumpyGPT2:
         record("next_token", None, np.array([np.argmax(logits[-1])], dtype=np.int64))
         return logits
 
-    def _reported_cache(self, cache: np.ndarray, S: int) -> np.ndarray:
-        """The layer cache [NH, maxT, HS] as this instance reports it (see cache_layout)."""
-        if self.cache_layout == "S,NH,HS":
-            return cache[:, :S].transpose(1, 0, 2)
-        if self.cache_layout == "NH,maxT,HS":
-            return cache
-        return cache[:, :S]
+    def _reported_cache(self, cache: np.ndarray) -> np.ndarray:
+        """The cached keys or values [NH, S, HS] as this instance reports them (see cache_layout)."""
+        return cache.transpose(1, 0, 2) if self.cache_layout == "S,NH,HS" else cache

@@ -1,0 +1,54 @@
+"""Session-wide fixtures of the validation harness: seeded checkpoints and reference traces, each made once.
+
+    def test_something(checkpoint, reference_trace):
+        path = checkpoint("gpt2", variant="outliers")            # a HF GPT-2 directory (llorch.testing)
+        hf = reference_trace("hf", "gpt2", variant="outliers")   # a Tracer: PROMPT_IDS, then DECODE_IDS
+
+Both are keyed by their arguments, so tests that ask for the same checkpoint or trace share one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llorch.testing import make_checkpoint
+from llorch.trace import Tracer, run_trace
+from reference import DECODE_IDS, PROMPT_IDS, build
+
+
+def _options_key(options: dict) -> tuple:
+    return tuple(sorted(options.items()))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(shape="tiny", **make_checkpoint options) -> path; seed 0 unless given."""
+    made: dict[tuple, str] = {}
+
+    def make(shape: str = "tiny", **options) -> str:
+        key = (shape, _options_key(options))
+        if key not in made:
+            label = "-".join([shape] + [f"{k}={v}" for k, v in sorted(options.items())])
+            made[key] = make_checkpoint(tmp_path_factory.mktemp(label), shape, **options)
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference_trace(checkpoint):
+    """reference_trace(reference, shape="tiny", variant="normal", storage=None, **reference options) -> Tracer.
+
+    The trace of the prompt pass (PROMPT_IDS) and one teacher-forced pass per DECODE_IDS entry. `storage`
+    is a dict of further make_checkpoint options (dtype, prefix, lm_head); reference options go to the
+    reference's constructor (the oracle's injectable mistakes)."""
+    traces: dict[tuple, Tracer] = {}
+
+    def trace(reference: str, shape: str = "tiny", variant: str = "normal", storage: dict | None = None,
+              **options) -> Tracer:
+        key = (reference, shape, variant, _options_key(storage or {}), _options_key(options))
+        if key not in traces:
+            model = build(reference, checkpoint(shape, variant=variant, **(storage or {})), **options)
+            traces[key] = Tracer()
+            run_trace(model, PROMPT_IDS, DECODE_IDS, traces[key])
+        return traces[key]
+    return trace
