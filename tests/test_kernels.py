@@ -550,8 +550,6 @@ def test_bad_configuration_is_rejected(call, message):
     assert (K.simd_selected(), K.max_threads()) == before
 
 
-@pytest.mark.xfail(strict=True, reason="_kernels.pyx does not check overlap yet (spec 00 requires a ValueError); "
-                                       "linear(x, x, w, None) silently returns garbage")
 def test_output_overlapping_an_input_is_rejected():
     rng = np.random.default_rng(0)
     x, w = randn(rng, 4, 128), randn(rng, 128, 128)

@@ -52,6 +52,13 @@ cdef _array(a, str name, dtype, tuple shape, bint writable=False):
     return a
 
 
+cdef _distinct(out, str name, inputs):
+    """Kernels that read an input while writing the output must not see the two overlap."""
+    for other, other_name in inputs:
+        if other is not None and np.may_share_memory(out, other):
+            raise ValueError(f"{name}: must not overlap {other_name}")
+
+
 cdef inline const float* _cptr(a):
     cdef const float[::1] flat = a.reshape(-1)
     return &flat[0] if flat.shape[0] else NULL
@@ -70,6 +77,7 @@ def embed(out, tokens, wte, wpe, int start_pos):
     cdef int T = tokens.shape[0]
     _array(out, "out", np.float32, (T, C), True)
     _array(wpe, "wpe", np.float32, (None, C))
+    _distinct(out, "out", ((wte, "wte"), (wpe, "wpe")))
     if T and (tokens.min() < 0 or tokens.max() >= V):
         raise ValueError(f"tokens: ids must be in [0, {V}), got {tokens.min()}..{tokens.max()}")
     if start_pos < 0 or start_pos + T > wpe.shape[0]:
@@ -109,6 +117,7 @@ def linear(out, inp, weight, bias):
     if bias is not None:
         _array(bias, "bias", np.float32, (OC,))
         b = _cptr(bias)
+    _distinct(out, "out", ((inp, "inp"), (weight, "weight"), (bias, "bias")))
     cdef float* o = _ptr(out)
     cdef const float* x = _cptr(inp)
     cdef const float* w = _cptr(weight)
@@ -159,6 +168,8 @@ def kv_write(k_cache, v_cache, qkv, int start_pos):
     """Write k, v of qkv [T, 3C] into k_cache, v_cache [NH, maxT, HS] at positions start_pos.."""
     cdef int T, C, NH, maxT
     _check_cache(qkv, k_cache, v_cache, start_pos, &T, &C, &NH, &maxT)
+    _distinct(k_cache, "k_cache", ((v_cache, "v_cache"), (qkv, "qkv")))
+    _distinct(v_cache, "v_cache", ((qkv, "qkv"),))
     cdef float* kc = _ptr(k_cache)
     cdef float* vc = _ptr(v_cache)
     cdef const float* x = _cptr(qkv)
@@ -177,6 +188,11 @@ def attention(out, probs, qkv, k_cache, v_cache, int start_pos, scores=None):
     if scores is not None:
         _array(scores, "scores", np.float32, (NH, T, S), True)
         sc = _ptr(scores)
+    for buf, buf_name in ((out, "out"), (probs, "probs"), (scores, "scores")):
+        if buf is not None:
+            _distinct(buf, buf_name, ((qkv, "qkv"), (k_cache, "k_cache"), (v_cache, "v_cache")))
+    _distinct(out, "out", ((probs, "probs"), (scores, "scores")))
+    _distinct(probs, "probs", ((scores, "scores"),))
     cdef float* o = _ptr(out)
     cdef float* p = _ptr(probs)
     cdef const float* x = _cptr(qkv)
@@ -193,6 +209,7 @@ def lm_head(logits, inp, wte):
     _array(wte, "wte", np.float32, (None, C))
     cdef int V = wte.shape[0]
     _array(logits, "logits", np.float32, (T, V), True)
+    _distinct(logits, "logits", ((inp, "inp"), (wte, "wte")))
     cdef float* o = _ptr(logits)
     cdef const float* x = _cptr(inp)
     cdef const float* w = _cptr(wte)
