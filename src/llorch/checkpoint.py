@@ -177,7 +177,11 @@ def load_weights(files: list[str], cfg: GPT2Config) -> dict[str, np.ndarray]:
         if got != shape:
             raise CheckpointError(f"{st.path}: tensor {stored!r} has shape {list(got)}, config.json implies "
                                   f"{list(shape)}")
-        weights[name] = st.tensor(stored)
+        weights[name] = tensor = st.tensor(stored)
+        # A sum is a fast pass over the bytes (it also warms the page cache for the first token);
+        # only when it is not finite is each element looked at, so huge-but-finite weights pass.
+        if not np.isfinite(tensor.sum(dtype=np.float32)) and not np.isfinite(tensor).all():
+            raise CheckpointError(f"{st.path}: tensor {stored!r} contains NaN or Inf values")
 
     if "lm_head.weight" in located:
         st, stored = located["lm_head.weight"]
