@@ -1,0 +1,317 @@
+"""llorch-run: a prompt in, GPT-2's continuation streamed to stdout (docs/specs/12-cli.md).
+
+    llorch-run -m gpt2 -p "The capital of France is" -n 16
+
+Exit codes: 0 done; 2 bad input of any kind (model, prompt, options), one line on stderr; 1 an internal
+error (the traceback with LLORCH_DEBUG=1); 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import llorch
+from llorch.checkpoint import resolve_weight_files
+from llorch.generate import generate
+from llorch.hub import resolve_model
+from llorch.sampling import Sampler
+from llorch.stream import StopStrings, StreamDecoder
+from llorch.trace import DirectoryTracer
+
+PROG = "llorch-run"
+EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130   # 130 = 128 + SIGINT, as shells report Ctrl-C
+LARGE_CHECKPOINT_BYTES = 1 << 30   # smaller checkpoints load too fast to need a progress line
+READ_CHUNK_BYTES = 64 << 20
+
+EPILOG = """\
+prompt: -p PROMPT, -f FILE or, with neither, standard input (one trailing newline of a file or of stdin is
+dropped). Prompts must be UTF-8. "<|endoftext|>" in a prompt is plain text unless --special is given.
+
+output: the continuation is streamed to stdout as it is generated. The prompt is not echoed (so stdout
+is exactly the generated text, for scripts); --display-prompt echoes it first, as llama-cli does. Load
+time, speeds and the stop reason go to stderr. --json prints one JSON object instead: model,
+prompt_tokens, tokens, text, stop_reason (max_tokens | eos | stop) and timings.
+
+stopping: after N tokens, at <|endoftext|> (unless --ignore-eos; it is not printed), or at a --stop string,
+which may span tokens: the text ends before it, and tokens include the one that completed it.
+
+MODEL: a Hugging Face GPT-2 directory, a .safetensors file with config.json beside it, or a hub id (gpt2,
+gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, openai-community/...) looked up in the Hugging Face cache
+($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), else downloaded when huggingface_hub is
+installed (pip install 'llorch[hub]') and HF_HUB_OFFLINE is unset. Offline, a seeded random checkpoint at
+GPT-2's shape: python -m llorch.testing gpt2 /tmp/gpt2-random, then -m /tmp/gpt2-random.
+
+threads: --threads, else LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else all cores.
+exit codes: 0 done, 2 bad input (one line on stderr), 1 internal error (LLORCH_DEBUG=1 shows the
+traceback), 130 interrupted.
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, `llorch-run: error: ...`, exit 2: for bad options and every other bad input."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return number
+    return parse
+
+
+def token_ids(value: str) -> list[int]:
+    """--prompt-ids: comma-separated ids of GPT-2's vocabulary."""
+    vocab = llorch.tokenizer().n_vocab
+    ids = []
+    for item in value.split(","):
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a token id (expected e.g. 464,3139)") from None
+        if not 0 <= ids[-1] < vocab:
+            raise argparse.ArgumentTypeError(f"token id {ids[-1]} is outside GPT-2's vocabulary [0, {vocab})")
+    return ids
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Generate text with GPT-2 in FP32 on the CPU.", epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", default="gpt2", help="directory, .safetensors file or hub id (default: gpt2)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("-p", "--prompt", help="the prompt text")
+    prompt.add_argument("-f", "--file", help="read the prompt from this UTF-8 file")
+    prompt.add_argument("--prompt-ids", type=token_ids, metavar="ID,ID,...", help="the prompt as token ids")
+    parser.add_argument("-n", "--max-new-tokens", type=int_at_least(1), default=32, metavar="N",
+                        help="tokens to generate at most (default: 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="0 picks the most likely token (default); > 0 samples")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of probability >= P")
+    parser.add_argument("--seed", type=int_at_least(0), metavar="S", help="sampler seed: same seed, same text")
+    parser.add_argument("--threads", type=int_at_least(1), metavar="N", help="threads for the kernels")
+    parser.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
+                        help="stop before this text (repeatable)")
+    parser.add_argument("--special", action="store_true", help='read "<|endoftext|>" in the prompt as token 50256')
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    parser.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="print the text once, at the end")
+    parser.add_argument("--display-prompt", action="store_true", help="echo the prompt before the continuation")
+    parser.add_argument("--trace", metavar="DIR", help="write the checkpoint trace of the run to DIR")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {llorch.__version__}")
+    parser.add_argument("--build-info", action="store_true", help="print the build's compiler, OpenMP and SIMD facts")
+    return parser
+
+
+def read_prompt(args: argparse.Namespace, encoding) -> tuple[str, list[int]]:
+    """(prompt text, prompt ids) from -p, -f, --prompt-ids or stdin; ValueError says what is wrong."""
+    if args.prompt_ids is not None:
+        return encoding.decode(args.prompt_ids), args.prompt_ids
+    if args.prompt is not None:
+        text = utf8_prompt(os.fsencode(args.prompt), "the -p prompt")
+    elif args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read prompt file {args.file}: {e.strerror}") from None
+        text = drop_final_newline(utf8_prompt(raw, f"prompt file {args.file}"))
+    elif sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no prompt: give -p PROMPT, -f FILE or --prompt-ids, or pipe the prompt to stdin")
+    else:
+        text = drop_final_newline(utf8_prompt(sys.stdin.buffer.read(), "the prompt on stdin"))
+    if not text:
+        raise ValueError("the prompt is empty")
+    return text, encoding.encode(text, allowed_special="all" if args.special else set(), disallowed_special=())
+
+
+def utf8_prompt(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+
+
+def drop_final_newline(text: str) -> str:
+    return text[:-1].removesuffix("\r") if text.endswith("\n") else text
+
+
+def read_with_progress(model_path: str) -> None:
+    """Read a large checkpoint's files once with a progress line, when stderr is a terminal: the forward
+    passes then find the memory-mapped weights in the page cache instead of waiting on the disk."""
+    if not sys.stderr.isatty():
+        return
+    _, files = resolve_weight_files(model_path)
+    total = sum(os.path.getsize(path) for path in files)
+    if total < LARGE_CHECKPOINT_BYTES:
+        return
+    chunk, done = bytearray(READ_CHUNK_BYTES), 0
+    for path in files:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while count := f.readinto(chunk):
+                    done += count
+                    sys.stderr.write(f"\rloading {path}: {done / total:4.0%} of {total / 1e9:.1f} GB")
+        except OSError as e:
+            raise llorch.CheckpointError(f"{path}: {e.strerror}") from None
+    sys.stderr.write("\r\033[K")   # erase the progress line
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    stop_reason: str        # "max_tokens", "eos" or "stop"
+    text: str               # the continuation, cut before a stop string, without the eos token
+    started: float          # perf_counter before the prompt pass
+    first_token_at: float
+    last_token_at: float
+
+
+def run_generation(token_stream: Iterator[int], decoder: StreamDecoder, stops: StopStrings,
+                   show: Callable[[str], None], eos_token_id: int | None) -> Generation:
+    """Consume the generator, passing each piece of text to show as soon as it is whole and before any
+    stop string; stop at eos or a stop string."""
+    tokens, stop_reason = [], "max_tokens"
+    started = first_token_at = last_token_at = time.perf_counter()
+    try:
+        for token in token_stream:
+            last_token_at = time.perf_counter()
+            if not tokens:
+                first_token_at = last_token_at
+            tokens.append(token)
+            if token == eos_token_id:
+                stop_reason = "eos"
+                break
+            show(stops.push(decoder.push(token)))
+            if stops.stopped:
+                stop_reason = "stop"
+                break
+    finally:   # the text held back, at the end or on Ctrl-C
+        show(stops.push(decoder.flush()) + stops.flush())
+    return Generation(tokens, stop_reason, stops.text, started, first_token_at, last_token_at)
+
+
+@dataclass
+class Timings:
+    load_s: float
+    ttft_s: float             # the prompt pass and the first token's sampling
+    prefill_tok_s: float
+    decode_tok_s: float | None   # None when one token was generated: no decode step was timed
+
+    @classmethod
+    def of(cls, load_s: float, n_prompt: int, run: Generation) -> "Timings":
+        ttft = run.first_token_at - run.started
+        n_decoded = len(run.tokens) - 1
+        decode_tok_s = n_decoded / (run.last_token_at - run.first_token_at) if n_decoded else None
+        return cls(load_s, ttft, n_prompt / ttft, decode_tok_s)
+
+    def summary(self, n_prompt: int, run: Generation) -> str:
+        """llama.cpp's performance lines: load, prompt eval (up to the first token), eval (one pass per token)."""
+        lines = [f"load time        = {self.load_s * 1e3:10.2f} ms",
+                 f"prompt eval time = {self.ttft_s * 1e3:10.2f} ms / {n_prompt:5d} tokens "
+                 f"({self.prefill_tok_s:8.2f} tokens per second, time to first token)"]
+        if self.decode_tok_s is not None:
+            decode_ms, n_decoded = (run.last_token_at - run.first_token_at) * 1e3, len(run.tokens) - 1
+            lines.append(f"eval time        = {decode_ms:10.2f} ms / {n_decoded:5d} tokens "
+                         f"({self.decode_tok_s:8.2f} tokens per second)")
+        lines.append(f"stop reason      = {run.stop_reason} ({len(run.tokens)} new tokens)")
+        return "\n".join(lines) + "\n"
+
+
+def write_stdout(text: str) -> None:
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
+    if args.threads:
+        llorch.set_num_threads(args.threads)
+    if args.build_info:
+        print(json.dumps(llorch.build_info(), indent=2))
+        return 0
+    encoding = llorch.tokenizer()
+    try:   # every check that needs no model, before a large checkpoint is loaded
+        prompt_text, prompt_ids = read_prompt(args, encoding)
+        sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        stops = StopStrings(args.stop)
+    except ValueError as e:
+        parser.error(str(e))
+
+    load_started = time.perf_counter()
+    try:
+        model_path = resolve_model(args.model)
+        read_with_progress(model_path)
+        model = llorch.load(model_path)
+    except llorch.CheckpointError as e:
+        parser.error(f"model {args.model}: {e}")
+    load_s = time.perf_counter() - load_started
+
+    eos_token_id = None if args.ignore_eos else llorch.EOT_TOKEN
+    streaming = args.stream and not args.json
+    with ExitStack() as cleanup:
+        tracer = None
+        if args.trace:
+            try:
+                tracer = cleanup.enter_context(DirectoryTracer(args.trace))
+            except OSError as e:
+                parser.error(f"cannot write the trace to {args.trace}: {e.strerror}")
+        try:
+            token_stream = generate(model, prompt_ids, args.max_new_tokens, sampler, eos_token_id, tracer)
+        except ValueError as e:   # a ContextError, or prompt ids outside a smaller model's vocabulary
+            parser.error(str(e))
+        if streaming and args.display_prompt:
+            write_stdout(prompt_text)
+        generation = run_generation(token_stream, StreamDecoder(encoding), stops,
+                                    write_stdout if streaming else lambda piece: None, eos_token_id)
+    timings = Timings.of(load_s, len(prompt_ids), generation)
+
+    if args.json:
+        result = {"model": model_path, "prompt_tokens": prompt_ids, "tokens": generation.tokens,
+                  "text": generation.text, "stop_reason": generation.stop_reason, "timings": asdict(timings)}
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    if not streaming:
+        write_stdout((prompt_text if args.display_prompt else "") + generation.text)
+    if sys.stdout.isatty():
+        sys.stderr.write("\n")   # the continuation does not end in a newline: start the summary below it
+    sys.stderr.write(timings.summary(len(prompt_ids), generation))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdout.reconfigure(encoding="utf-8")   # model text is UTF-8 whatever the locale, as llama-cli prints it
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, parser)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader left (`llorch-run ... | head -c 20`): stop quietly, and send the flush at exit to
+        # /dev/null instead of failing on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1   # as Python itself exits when its output pipe closes
+    except Exception as e:   # a bug, not bad input (bad input exited 2 above): no traceback unless asked
+        if os.environ.get("LLORCH_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"{PROG}: internal error: {type(e).__name__}: {e} (LLORCH_DEBUG=1 shows the traceback)\n")
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""llorch-run as users run it: the installed console script in a subprocess, on seeded random checkpoints.
+
+Every run gets HF_HUB_OFFLINE=1 and an empty HF_HUB_CACHE unless a test says otherwise, so no test reads
+the machine's Hugging Face cache or tries the network; and one kernel thread, since the suite shares few
+cores with other work and OpenMP threads that wait for a busy core make a run many times slower.
+"""
+
+import inspect
+import json
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llorch
+import llorch.testing
+from llorch.stream import StopStrings, StreamDecoder
+from llorch.testing import SHAPES, hf_config, random_weights, write_safetensors
+from llorch.trace import DirectoryTracer, checkpoint_key, forward_order, run_trace
+from reference import build as build_reference
+
+enc = llorch.tokenizer()
+
+
+def console_script(name: str, module: str) -> list[str]:
+    """The installed console script, or else its module run by this Python."""
+    return [shutil.which(name)] if shutil.which(name) else [sys.executable, "-m", module]
+
+
+LLORCH_RUN = console_script("llorch-run", "llorch.cli")
+TEST_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": os.devnull, "LLORCH_NUM_THREADS": "1"}
+PROMPT = "Hello, I'm a language model,"
+EMOJI = "\N{GRINNING FACE}"   # GPT-2 tokens [47249, 222]: the first ends inside the character
+NI_HAO = "\u4f60\u597d"       # tokens [19526, 254, 25001, 121]: each character split in two
+
+
+def run_cli(*args, env=None, stdin=subprocess.DEVNULL):
+    """(returncode, stdout as UTF-8, stderr) of one llorch-run."""
+    done = subprocess.run(LLORCH_RUN + [str(a) for a in args], env={**TEST_ENV, **(env or {})}, stdin=stdin,
+                          capture_output=True, timeout=300)
+    return done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8")
+
+
+def run_json(*args, **options) -> dict:
+    code, out, err = run_cli(*args, "--json", **options)
+    assert code == 0 and err == "", err   # with --json, stderr stays quiet
+    return json.loads(out)
+
+
+def untimed(result: dict) -> dict:
+    """A --json result without its timings, which differ from run to run."""
+    return {key: value for key, value in result.items() if key != "timings"}
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    return checkpoint("tiny")   # tests/conftest.py: a seeded random checkpoint (seed 0), made once per session
+
+
+def two_cycle_checkpoint(directory, up: int, down: int) -> str:
+    """A tiny GPT-2 whose greedy continuation alternates: after `up` comes `down`, after `down` comes `up`.
+
+    The blocks add nothing (zero output projections) and there are no position embeddings, so ln_f sees
+    only wte[last token]. wte gives `up` +1 and `down` -1 on dimension 0, every other token about 0, and
+    ln_f keeps dimension 0 alone with gain -1: the logits are wte[:, 0] times minus the last token's sign."""
+    dims = SHAPES["tiny"]
+    weights = random_weights(dims, seed=0)
+    wte = weights["wte.weight"]
+    wte[[up, down]] = 0
+    wte[up, 0], wte[down, 0] = 1, -1
+    weights["wpe.weight"][:] = 0
+    for name, values in weights.items():
+        if ".c_proj." in name:
+            values[:] = 0
+    weights["ln_f.weight"][:] = 0
+    weights["ln_f.weight"][0] = -1
+    weights["ln_f.bias"][:] = 0
+    os.makedirs(directory)
+    write_safetensors(os.path.join(directory, "model.safetensors"), weights)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config(dims), f)
+    return str(directory)
+
+
+def hf_greedy(path, ids, n):
+    import torch
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=llorch.EOT_TOKEN,
+                          pad_token_id=llorch.EOT_TOKEN, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+# --- the result: --json against model.generate and HF, streaming against --json -------------------------
+
+@pytest.mark.parametrize("shape, n", [("tiny", 24), ("gpt2", 12)])
+def test_json_equals_model_generate_and_hf_greedy(checkpoint, shape, n):
+    path = checkpoint(shape)
+    result = run_json("-m", path, "-p", PROMPT, "-n", n)
+    ids = enc.encode(PROMPT)
+    expected = list(llorch.load(path).generate(ids, n, eos_token_id=llorch.EOT_TOKEN))
+    assert result["prompt_tokens"] == ids
+    assert result["tokens"] == expected == hf_greedy(path, ids, n)
+    assert result["text"] == enc.decode(expected)
+    assert result["stop_reason"] == "max_tokens" and result["model"] == path
+    assert set(result["timings"]) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}
+    assert all(value > 0 for value in result["timings"].values())
+
+
+@pytest.mark.parametrize("prompt", ["Hello.", "The quick brown fox", "def f(x):\n    return"])
+def test_streamed_text_equals_json_text(tiny, prompt):
+    expected = run_json("-m", tiny, "-p", prompt, "-n", 40)["text"]
+    code, out, _ = run_cli("-m", tiny, "-p", prompt, "-n", 40)
+    assert code == 0 and out == expected   # the prompt is not echoed (spec 12)
+    assert run_cli("-m", tiny, "-p", prompt, "-n", 40, "--no-stream")[1] == expected
+    assert run_cli("-m", tiny, "-p", prompt, "-n", 40, "--display-prompt")[1] == prompt + expected
+
+
+def test_streamed_sampled_text_with_split_characters_equals_json_text(tiny):
+    """Sampling a random model picks tokens that end inside a UTF-8 character; the stream matches anyway."""
+    options = ["-m", tiny, "-p", PROMPT, "-n", 120, "--temperature", 2, "--seed", 0]
+    result = run_json(*options)
+    assert any(not is_utf8(enc.decode_single_token_bytes(t)) for t in result["tokens"])
+    assert run_cli(*options)[1] == result["text"] == enc.decode(result["tokens"])
+
+
+@pytest.mark.parametrize("n", [6, 7])
+def test_split_emoji_streams_whole(tmp_path, n):
+    path = two_cycle_checkpoint(tmp_path / "emoji", up=47249, down=222)
+    result = run_json("-m", path, "-p", EMOJI, "-n", n)
+    assert result["prompt_tokens"] == [47249, 222]
+    assert result["tokens"] == [47249, 222] * (n // 2) + [47249] * (n % 2)
+    # an even count ends on a whole emoji; an odd one leaves half of one, shown as U+FFFD like decode() does
+    expected = EMOJI * (n // 2) + "\N{REPLACEMENT CHARACTER}" * (n % 2)
+    assert result["text"] == expected
+    assert run_cli("-m", path, "-p", EMOJI, "-n", n)[1] == expected
+
+
+# --- the streaming decoder and stop strings ----------------------------------------------------------
+
+@pytest.mark.parametrize("tokens, pieces", [
+    ([47249, 222], ["", EMOJI]),
+    ([19526, 254, 25001, 121], ["", NI_HAO[0], "", NI_HAO[1]]),
+])
+def test_stream_decoder_holds_split_characters_until_complete(tokens, pieces):
+    decoder = StreamDecoder(enc)
+    assert [decoder.push(t) for t in tokens] == pieces
+    assert decoder.flush() == ""
+
+
+def test_stream_decoder_replaces_an_unfinished_character_at_the_end():
+    decoder = StreamDecoder(enc)
+    assert decoder.push(47249) == "" and decoder.flush() == "\N{REPLACEMENT CHARACTER}"
+
+
+def test_stream_decoder_rejects_ids_outside_the_vocabulary():
+    with pytest.raises(ValueError, match=r"token id 70000 out of range \[0, 50257\)"):
+        StreamDecoder(enc).push(70000)
+
+
+def test_stream_decoder_chunks_join_to_decode_on_random_tokens():
+    """Random runs of byte-fragment tokens: invalid sequences become U+FFFD exactly as decode() makes them."""
+    rng = np.random.default_rng(0)
+    fragments = [t for t in range(enc.n_vocab - 1) if not is_utf8(enc.decode_single_token_bytes(t))]
+    for _ in range(200):
+        tokens = rng.choice(fragments + list(range(256)) + [47249, 222, 19526, 254], 12).tolist()
+        decoder = StreamDecoder(enc)
+        chunks = [decoder.push(t) for t in tokens] + [decoder.flush()]
+        assert "".join(chunks) == enc.decode(tokens)
+
+
+def test_stop_strings_cut_before_a_stop_string_across_chunks():
+    stops = StopStrings(["ld, an"])
+    # "ld" of " world" waits (it may begin the stop string) and is dropped once the stop string completes
+    chunks = ["Hello", " world", ",", " and", " goodbye"]
+    assert [stops.push(chunk) for chunk in chunks] == ["Hello", " wor", "", "", ""]
+    assert stops.stopped and stops.flush() == "" and stops.text == "Hello wor"
+
+
+def test_stop_strings_release_held_text_at_the_end():
+    stops = StopStrings(["lo!", "xyz"])
+    assert stops.push("Hel") == "He"   # "l" may begin "lo!"
+    assert stops.push("lo") == "l"     # "llo" cannot, "lo" may
+    assert stops.flush() == "lo" and not stops.stopped and stops.text == "Hello"
+
+
+def test_stop_strings_cut_at_the_earliest_match():
+    stops = StopStrings(["b", "abc"])
+    assert stops.push("xabc") == "x" and stops.text == "x"
+
+
+# --- options --------------------------------------------------------------------------------------------
+
+def test_stop_string_spanning_tokens(tiny):
+    full = run_json("-m", tiny, "-p", PROMPT, "-n", 24)
+    first, second = (enc.decode([t]) for t in full["tokens"][4:6])
+    stop = first[-2:] + second[:2]   # the end of one token and the start of the next
+    start = full["text"].index(stop)
+    result = run_json("-m", tiny, "-p", PROMPT, "-n", 24, "--stop", "never there", stop)
+    assert result["stop_reason"] == "stop" and result["text"] == full["text"][:start]
+    assert run_cli("-m", tiny, "-p", PROMPT, "-n", 24, "--stop", stop)[1] == result["text"]
+
+
+def test_eos_stops_unless_ignored(tmp_path):
+    path = two_cycle_checkpoint(tmp_path / "eos", up=40, down=llorch.EOT_TOKEN)   # 40 is "I"
+    result = run_json("-m", path, "-p", "I", "-n", 5)
+    assert result["tokens"] == [llorch.EOT_TOKEN] and result["stop_reason"] == "eos" and result["text"] == ""
+    ignored = run_json("-m", path, "-p", "I", "-n", 3, "--ignore-eos")
+    assert ignored["tokens"] == [llorch.EOT_TOKEN, 40, llorch.EOT_TOKEN]
+    assert ignored["stop_reason"] == "max_tokens" and ignored["text"] == "<|endoftext|>I<|endoftext|>"
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    options = ["-m", tiny, "-p", PROMPT, "-n", 16, "--temperature", 0.8, "--top-k", 40, "--top-p", 0.9]
+    first, again = (run_json(*options, "--seed", 7)["tokens"] for _ in range(2))
+    assert first == again
+    assert run_json(*options, "--seed", 8)["tokens"] != first
+    model = llorch.load(tiny)
+    assert first == list(model.generate(enc.encode(PROMPT), 16, temperature=0.8, top_k=40, top_p=0.9, seed=7,
+                                        eos_token_id=llorch.EOT_TOKEN))
+
+
+def test_threads_option_wins_over_the_environment_and_changes_no_token(tiny):
+    env = {"LLORCH_NUM_THREADS": "2"}
+    assert json.loads(run_cli("--build-info", env=env)[1])["max_threads"] == 2
+    assert json.loads(run_cli("--build-info", "--threads", 1, env=env)[1])["max_threads"] == 1
+    assert (untimed(run_json("-m", tiny, "-p", PROMPT, "--threads", 1, env=env))
+            == untimed(run_json("-m", tiny, "-p", PROMPT, env=env)))
+
+
+def test_prompt_from_file_stdin_and_ids_equals_prompt_option(tiny, tmp_path):
+    expected = untimed(run_json("-m", tiny, "-p", PROMPT, "-n", 8))
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(PROMPT + "\n", encoding="utf-8")   # one final newline is dropped
+    assert untimed(run_json("-m", tiny, "-f", prompt_file, "-n", 8)) == expected
+    with open(prompt_file, "rb") as stdin:
+        assert untimed(run_json("-m", tiny, "-n", 8, stdin=stdin)) == expected
+    ids = ",".join(map(str, expected["prompt_tokens"]))
+    assert untimed(run_json("-m", tiny, "--prompt-ids", ids, "-n", 8)) == expected
+
+
+def test_endoftext_in_a_prompt_is_text_unless_special(tiny):
+    assert run_json("-m", tiny, "-p", "<|endoftext|>", "-n", 1)["prompt_tokens"] == [27, 91, 437, 1659, 5239, 91, 29]
+    assert run_json("-m", tiny, "-p", "<|endoftext|>", "-n", 1, "--special")["prompt_tokens"] == [llorch.EOT_TOKEN]
+
+
+def test_normal_mode_prints_timings_to_stderr(tiny):
+    code, _, err = run_cli("-m", tiny, "-p", PROMPT, "-n", 4)
+    assert code == 0
+    for said in ("load time", "prompt eval time", "time to first token", "eval time", "tokens per second",
+                 "stop reason      = max_tokens (4 new tokens)"):
+        assert said in err
+
+
+def test_trace_has_every_checkpoint_of_every_pass_and_matches_hf(tiny, tmp_path):
+    trace_dir, hf_dir = tmp_path / "llorch", tmp_path / "hf"
+    result = run_json("-m", tiny, "-p", PROMPT, "-n", 3, "--trace", trace_dir)
+    passes = range(3)   # the prompt pass, then one pass per token but the last
+    expected_keys = [checkpoint_key(name, layer, step) for step in passes
+                     for name, layer in forward_order(SHAPES["tiny"].n_layer)]
+    rows = [json.loads(line) for line in (trace_dir / "trace.jsonl").read_text().splitlines()]
+    assert [row["key"] for row in rows] == expected_keys
+    assert all((trace_dir / f"{key}.npy").exists() for key in expected_keys)
+    assert [int(np.load(trace_dir / f"s{step}.next_token.npy")[0]) for step in passes] == result["tokens"]
+
+    with DirectoryTracer(hf_dir) as hf_tracer:
+        run_trace(build_reference("hf", tiny), result["prompt_tokens"], result["tokens"][:-1], tracer=hf_tracer)
+    compared = subprocess.run(console_script("llorch-compare", "llorch.compare") + [trace_dir, hf_dir],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def readme_offline_commands(directory: str) -> list[str]:
+    """The README's set-up line without its `pip install .` (this package is installed already), writing
+    the random checkpoint to `directory` instead of /tmp/gpt2-random."""
+    with open(README, encoding="utf-8") as f:
+        line = next(line for line in f if "python -m llorch.testing" in line)
+    commands = [command.strip() for command in line.split("&&")]
+    return [command.replace("/tmp/gpt2-random", directory) for command in commands
+            if not command.startswith("pip install")]
+
+
+@pytest.mark.skipif('__name__ == "__main__"' not in inspect.getsource(llorch.testing),
+                    reason="llorch.testing has no __main__ yet: the README's `python -m llorch.testing` cannot run")
+def test_readme_offline_path_works_as_written(tmp_path):
+    commands = readme_offline_commands(str(tmp_path / "gpt2-random"))
+    assert len(commands) == 2 and commands[1].startswith("llorch-run ")
+    for command in commands:
+        done = subprocess.run(command, shell=True, env=TEST_ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+    assert done.stdout   # the generated text
+
+
+def test_version_and_build_info():
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"llorch-run {llorch.__version__}"
+    code, out, _ = run_cli("--build-info")
+    assert code == 0 and {"version", "compiler", "openmp", "max_threads", "simd_selected"} <= set(json.loads(out))
+
+
+# --- models from the Hugging Face cache -----------------------------------------------------------------
+
+def fake_hub_cache(cache_dir, repo_dir_name, checkpoint) -> None:
+    """A cache entry as huggingface_hub writes it: refs/main -> snapshots/<rev>/ with symlinks into blobs/."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache_dir / repo_dir_name
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        blob = repo / "blobs" / f"blob-{name}"
+        shutil.copyfile(os.path.join(checkpoint, name), blob)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+@pytest.mark.parametrize("model, repo_dir_name, cache_variable", [
+    ("gpt2", "models--openai-community--gpt2", "HF_HUB_CACHE"),
+    ("gpt2", "models--gpt2", "HF_HUB_CACHE"),                         # a cache from before the move
+    ("openai-community/gpt2", "models--gpt2", "HF_HUB_CACHE"),
+    ("distilgpt2", "models--distilbert--distilgpt2", "HF_HOME"),      # HF_HOME/hub
+])
+def test_hub_id_resolves_from_the_local_cache(tiny, tmp_path, model, repo_dir_name, cache_variable):
+    cache_dir = tmp_path / "hub"
+    fake_hub_cache(cache_dir, repo_dir_name, tiny)
+    env = ({"HF_HUB_CACHE": str(cache_dir)} if cache_variable == "HF_HUB_CACHE"
+           else {"HF_HUB_CACHE": "", "HF_HOME": str(tmp_path)})
+    result = run_json("-m", model, "-p", PROMPT, "-n", 6, env=env)
+    assert result["model"].startswith(str(cache_dir / repo_dir_name / "snapshots"))
+    assert result["tokens"] == run_json("-m", tiny, "-p", PROMPT, "-n", 6)["tokens"]
+
+
+def test_missing_hub_model_offline_says_how_to_provide_weights(tmp_path):
+    code, out, err = run_cli("-p", PROMPT, env={"HF_HUB_CACHE": str(tmp_path)})   # default MODEL: gpt2
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("llorch-run: error: model gpt2: ")
+    for said in (str(tmp_path), "models--openai-community--gpt2", "models--gpt2", "HF_HUB_OFFLINE",
+                 "HF_HUB_CACHE", "pip install 'llorch[hub]'", "python -m llorch.testing"):
+        assert said in err
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_inputs_dir(tmp_path_factory, tiny):
+    """Broken models and prompt files, by name."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "corrupt").mkdir()
+    shutil.copyfile(os.path.join(tiny, "config.json"), root / "corrupt" / "config.json")
+    header = b"{not json}"
+    (root / "corrupt" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    shutil.copytree(tiny, root / "bad_config")
+    (root / "bad_config" / "config.json").write_text("{")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (root / "empty.txt").write_bytes(b"")
+    return root
+
+
+BAD_INPUTS = {
+    "missing model": (["-m", "{bad}/missing", "-p", "Hi"], "model {bad}/missing: {bad}/missing: no such file"),
+    "corrupt model": (["-m", "{bad}/corrupt", "-p", "Hi"], "header is not JSON"),
+    "corrupt config": (["-m", "{bad}/bad_config", "-p", "Hi"], "config.json: not valid JSON"),
+    "prompt too long": (["-m", "{tiny}", "-p", "Hi " * 100, "-n", 40], "exceeds the context of 128 tokens"),
+    "n < 1": (["-m", "{tiny}", "-p", "Hi", "-n", 0], "--max-new-tokens: expected an integer >= 1"),
+    "negative temperature": (["-m", "{tiny}", "-p", "Hi", "--temperature", -0.5], "temperature must be"),
+    "top-p 0": (["-m", "{tiny}", "-p", "Hi", "--top-p", 0], "top_p must be in (0, 1]"),
+    "top-p > 1": (["-m", "{tiny}", "-p", "Hi", "--top-p", 1.01], "top_p must be in (0, 1]"),
+    "negative top-k": (["-m", "{tiny}", "-p", "Hi", "--top-k", -1], "top_k must be a non-negative integer"),
+    "negative seed": (["-m", "{tiny}", "-p", "Hi", "--seed", -1], "--seed: expected an integer >= 0"),
+    "unknown flag": (["-m", "{tiny}", "-p", "Hi", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    "missing flag value": (["-m", "{tiny}", "-p"], "argument -p/--prompt: expected one argument"),
+    "empty prompt": (["-m", "{tiny}", "-p", ""], "the prompt is empty"),
+    "empty prompt file": (["-m", "{tiny}", "-f", "{bad}/empty.txt"], "the prompt is empty"),
+    "empty stdin": (["-m", "{tiny}"], "the prompt is empty"),
+    "unreadable prompt file": (["-m", "{tiny}", "-f", "{bad}/absent.txt"], "cannot read prompt file"),
+    "prompt file not UTF-8": (["-m", "{tiny}", "-f", "{bad}/latin1.txt"], "not valid UTF-8 (byte 0xe9 at offset 3)"),
+    "prompt ids not numbers": (["-m", "{tiny}", "--prompt-ids", "1,two"], "'two' is not a token id"),
+    "prompt id outside vocab": (["-m", "{tiny}", "--prompt-ids", "1,50257"], "token id 50257 is outside"),
+    "two prompt sources": (["-m", "{tiny}", "-p", "Hi", "--prompt-ids", "1"], "not allowed with argument"),
+    "threads 0": (["-m", "{tiny}", "-p", "Hi", "--threads", 0], "--threads: expected an integer >= 1"),
+    "empty stop string": (["-m", "{tiny}", "-p", "Hi", "--stop", ""], "stop strings must not be empty"),
+    "trace dir not writable": (["-m", "{tiny}", "-p", "Hi", "--trace", "{bad}/empty.txt/trace"],
+                               "cannot write the trace to {bad}/empty.txt/trace"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(case, tiny, bad_inputs_dir):
+    args, message = BAD_INPUTS[case]
+    places = {"tiny": tiny, "bad": bad_inputs_dir}
+    code, out, err = run_cli(*(a.format(**places) if isinstance(a, str) else a for a in args))
+    assert code == 2 and out == ""
+    assert err.startswith("llorch-run: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert message.format(**places) in err
+
+
+def test_no_prompt_from_a_terminal_is_an_error(tiny):
+    """With no prompt option and stdin a terminal, llorch-run says what to give instead of waiting."""
+    leader, follower = pty.openpty()
+    try:
+        code, _, err = run_cli("-m", tiny, stdin=follower)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert code == 2 and "no prompt: give -p PROMPT, -f FILE or --prompt-ids" in err
+
+
+def test_ctrl_c_exits_130_quietly(checkpoint):
+    process = subprocess.Popen(LLORCH_RUN + ["-m", checkpoint("gpt2"), "-p", PROMPT, "-n", "500"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=TEST_ENV)
+    process.stdout.read(1)   # the first generated text: generation is under way
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == b""
