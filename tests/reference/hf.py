@@ -36,6 +36,8 @@ from transformers.utils import logging as hf_logging
 
 from llorch.trace import forward_order
 
+from . import pass_end
+
 
 class HFGPT2:
     def __init__(self, checkpoint_dir: str) -> None:
@@ -75,8 +77,7 @@ class HFGPT2:
 
     def forward(self, token_ids, start_pos: int = 0, tracer=None) -> np.ndarray:
         n_cached = self.cache.get_seq_length()
-        if not 0 <= start_pos <= n_cached:
-            raise ValueError(f"start_pos {start_pos}: {n_cached} positions cached")
+        pass_end(start_pos, len(token_ids), n_cached, self.config.n_positions)
         if start_pos < n_cached:
             self.cache.crop(start_pos - n_cached)  # a negative count: drop that many positions
         self._captured.clear()

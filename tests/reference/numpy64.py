@@ -34,6 +34,8 @@ import struct
 
 import numpy as np
 
+from . import pass_end, read_config
+
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -73,14 +75,11 @@ def gelu_erf(x: np.ndarray) -> np.ndarray:
 class NumpyGPT2:
     def __init__(self, checkpoint_dir: str, *, causal_mask: bool = True, gelu: str = "tanh",
                  transpose_conv1d: bool = False, kv_cache: str = "full", cache_layout: str = "NH,S,HS") -> None:
-        if gelu not in ("tanh", "erf") or kv_cache not in ("full", "current_pass") \
-                or cache_layout not in ("NH,S,HS", "S,NH,HS"):
-            raise ValueError(f"unknown option among gelu={gelu!r}, kv_cache={kv_cache!r}, cache_layout={cache_layout!r}")
-        with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        self.n_layer, self.n_head = config["n_layer"], config["n_head"]
-        self.n_embd, self.n_positions = config["n_embd"], config["n_positions"]
-        self.eps = config["layer_norm_epsilon"]
+        for option, value, allowed in [("gelu", gelu, ("tanh", "erf")), ("kv_cache", kv_cache, ("full", "current_pass")),
+                                       ("cache_layout", cache_layout, ("NH,S,HS", "S,NH,HS"))]:
+            if value not in allowed:
+                raise ValueError(f"{option}={value!r}: expected one of {allowed}")
+        self.n_layer, self.n_head, self.n_embd, self.n_positions, self.eps = read_config(checkpoint_dir)
         tensors = read_safetensors(os.path.join(checkpoint_dir, "model.safetensors"))
         self.w = {name.removeprefix("transformer."): value for name, value in tensors.items()}
         self.causal_mask, self.transpose_conv1d = causal_mask, transpose_conv1d
@@ -96,10 +95,7 @@ class NumpyGPT2:
 
     def forward(self, token_ids, start_pos: int = 0, tracer=None) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.int64)
-        T, S = len(tokens), start_pos + len(tokens)
-        if not 0 <= start_pos <= self.n_cached or S > self.n_positions:
-            raise ValueError(f"start_pos {start_pos} with {T} tokens: {self.n_cached} positions cached, "
-                             f"{self.n_positions} at most")
+        T, S = len(tokens), pass_end(start_pos, len(tokens), self.n_cached, self.n_positions)
         record = tracer.record if tracer is not None else lambda name, layer, value: None
         if tracer is not None:
             tracer.start_forward(start_pos, T)

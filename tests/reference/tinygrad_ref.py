@@ -14,13 +14,14 @@ reports the first S.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load
+
+from . import pass_end, read_config
 
 DEVICE = "CPU"  # every tensor is created on, or moved to, the CPU device explicitly
 
@@ -45,11 +46,7 @@ def _gelu_tanh(x: Tensor) -> Tensor:
 
 class TinygradGPT2:
     def __init__(self, checkpoint_dir: str) -> None:
-        with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        self.n_layer, self.n_head = config["n_layer"], config["n_head"]
-        self.n_embd, self.n_positions = config["n_embd"], config["n_positions"]
-        self.eps = config["layer_norm_epsilon"]
+        self.n_layer, self.n_head, self.n_embd, self.n_positions, self.eps = read_config(checkpoint_dir)
         stored = safe_load(os.path.join(checkpoint_dir, "model.safetensors"))
         self.w = {name.removeprefix("transformer."): _load_float32(t) for name, t in stored.items()}
         self.reset()
@@ -62,10 +59,7 @@ class TinygradGPT2:
 
     def forward(self, token_ids, start_pos: int = 0, tracer=None) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.int32)
-        T, S = len(tokens), start_pos + len(tokens)
-        if not 0 <= start_pos <= self.n_cached or S > self.n_positions:
-            raise ValueError(f"start_pos {start_pos} with {T} tokens: {self.n_cached} positions cached, "
-                             f"{self.n_positions} at most")
+        T, S = len(tokens), pass_end(start_pos, len(tokens), self.n_cached, self.n_positions)
         if tracer is not None:
             tracer.start_forward(start_pos, T)
 
