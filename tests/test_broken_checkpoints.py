@@ -15,12 +15,12 @@ import pytest
 
 import llorch
 import llorch.checkpoint
-from llorch.testing import make_checkpoint
+from test_cli import run_cli
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("good"), "tiny", seed=3)
+def good(checkpoint):
+    return checkpoint("tiny")
 
 
 def read_safetensors(path):
@@ -139,16 +139,29 @@ BROKEN = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
-def test_broken_checkpoint_is_refused_with_a_clear_message(good, tmp_path, case):
-    breaks, message = BROKEN[case]
+@pytest.fixture(params=sorted(BROKEN))
+def broken(request, good, tmp_path):
+    """(directory, expected message) of one broken copy of the good checkpoint."""
+    breaks, message = BROKEN[request.param]
     directory = str(tmp_path / "model")
     shutil.copytree(good, directory)
     breaks(directory)
+    return directory, message
+
+
+def test_broken_checkpoint_is_refused_with_a_clear_message(broken):
+    directory, message = broken
     with pytest.raises(llorch.CheckpointError) as refused:
         llorch.load(directory)
     assert message in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_llorch_run_exits_2_on_a_broken_checkpoint(broken):
+    directory, message = broken
+    code, out, err = run_cli("-m", directory, "-p", "Hello", "-n", "2")
+    assert code == 2 and out == ""
+    assert err.startswith("llorch-run: error:") and message in err and err.count("\n") == 1
 
 
 def test_untied_lm_head_is_named(good, tmp_path):

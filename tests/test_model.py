@@ -11,27 +11,12 @@ import torch
 
 import llorch
 from llorch.sampling import Sampler
-from llorch.testing import make_checkpoint
 from llorch.trace import CHECKPOINTS, Tracer, expected_shape
 
 torch.set_num_threads(2)
 enc = llorch.tokenizer()
 PROMPTS = ["Hello.", "Hello, I'm a language model,", "The quick brown fox", "In 1905, Einstein",
            "def fibonacci(n):\n    "]
-
-
-@pytest.fixture(scope="module")
-def make(tmp_path_factory):
-    """make(shape, **options) -> checkpoint directory, written once per module."""
-    made = {}
-
-    def _make(shape, **options):
-        key = (shape, tuple(sorted(options.items())))
-        if key not in made:
-            directory = tmp_path_factory.mktemp(shape)
-            made[key] = make_checkpoint(directory, shape, seed=1, **options)
-        return made[key]
-    return _make
 
 
 def hf_model(path):
@@ -52,8 +37,8 @@ def hf_logits(hf, ids):
 
 
 @pytest.mark.parametrize("shape", ["gpt2", "gpt2-medium"])
-def test_greedy_generation_equals_hf(make, shape):
-    path = make(shape)
+def test_greedy_generation_equals_hf(checkpoint, shape):
+    path = checkpoint(shape)
     model, hf = llorch.load(path), hf_model(path)
     for prompt in PROMPTS:
         ids = enc.encode(prompt)
@@ -62,16 +47,16 @@ def test_greedy_generation_equals_hf(make, shape):
 
 
 @pytest.mark.parametrize("shape", ["tiny", "gpt2", "distilgpt2", "odd", "head80"])
-def test_all_logits_match_hf(make, shape):
-    path = make(shape)
+def test_all_logits_match_hf(checkpoint, shape):
+    path = checkpoint(shape)
     ids = enc.encode("Hello, I'm a language model, not a")
     ours, ref = llorch.load(path).forward(ids), hf_logits(hf_model(path), ids)
     assert ours.shape == ref.shape == (len(ids), 50257)
     assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
 
 
-def test_kv_cache_decoding_equals_recomputing(make):
-    model = llorch.load(make("gpt2"))
+def test_kv_cache_decoding_equals_recomputing(checkpoint):
+    model = llorch.load(checkpoint("gpt2"))
     ids = enc.encode("Hello, I'm a language model,")
     generated = list(model.generate(ids, 8))
     full = ids + generated
@@ -85,8 +70,8 @@ def test_kv_cache_decoding_equals_recomputing(make):
     assert np.abs(incremental - recomputed).max() <= 1e-5 * np.abs(recomputed).max()
 
 
-def test_last_logits_is_the_last_row_of_all(make):
-    model = llorch.load(make("tiny"))
+def test_last_logits_is_the_last_row_of_all(checkpoint):
+    model = llorch.load(checkpoint("tiny"))
     ids = enc.encode("Hello there")
     all_rows = model.forward(ids, logits="all")
     model.reset()
@@ -95,8 +80,8 @@ def test_last_logits_is_the_last_row_of_all(make):
     np.testing.assert_array_equal(last[0], all_rows[-1])
 
 
-def test_trace_reports_every_checkpoint_with_the_table_shapes(make):
-    model = llorch.load(make("odd"))
+def test_trace_reports_every_checkpoint_with_the_table_shapes(checkpoint):
+    model = llorch.load(checkpoint("odd"))
     cfg = model.config
     tracer = Tracer()
     prompt = enc.encode("Hello.")
@@ -116,22 +101,22 @@ def test_trace_reports_every_checkpoint_with_the_table_shapes(make):
 
 @pytest.mark.parametrize("options", [dict(prefix=True), dict(lm_head="present"), dict(dtype="float16"),
                                      dict(dtype="bfloat16"), dict(variant="outliers"), dict(variant="big_ln")])
-def test_checkpoint_variants_load_like_hf(make, options):
-    path = make("tiny", **options)
+def test_checkpoint_variants_load_like_hf(checkpoint, options):
+    path = checkpoint("tiny", **options)
     ids = enc.encode("Hello, I'm a language model,")
     ours, ref = llorch.load(path).forward(ids), hf_logits(hf_model(path), ids)
     assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
 
 
-def test_load_a_safetensors_file_beside_its_config(make):
-    path = make("tiny")
+def test_load_a_safetensors_file_beside_its_config(checkpoint):
+    path = checkpoint("tiny")
     ids = enc.encode("Hi")
     np.testing.assert_array_equal(llorch.load(os.path.join(path, "model.safetensors")).forward(ids),
                                   llorch.load(path).forward(ids))
 
 
-def test_context_is_never_silently_truncated(make):
-    model = llorch.load(make("tiny"))          # 128 positions
+def test_context_is_never_silently_truncated(checkpoint):
+    model = llorch.load(checkpoint("tiny"))          # 128 positions
     with pytest.raises(llorch.ContextError, match="exceeds the context of 128"):
         model.generate([1] * 100, 29)
     assert len(list(model.generate([1] * 100, 28))) == 28
@@ -145,8 +130,8 @@ def test_context_is_never_silently_truncated(make):
             model.forward(bad)
 
 
-def test_sampling_is_seeded_and_respects_top_k_and_top_p(make):
-    model = llorch.load(make("tiny"))
+def test_sampling_is_seeded_and_respects_top_k_and_top_p(checkpoint):
+    model = llorch.load(checkpoint("tiny"))
     ids = enc.encode("Hello")
     greedy = list(model.generate(ids, 12))
     sampled = list(model.generate(ids, 12, temperature=1.0, seed=7))
@@ -162,13 +147,13 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p(make):
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-1),
                                     dict(top_p=0.0), dict(top_p=1.5)])
-def test_bad_sampling_options_are_refused(make, kwargs):
+def test_bad_sampling_options_are_refused(checkpoint, kwargs):
     with pytest.raises(ValueError):
-        llorch.load(make("tiny")).generate([1], 4, **kwargs)
+        llorch.load(checkpoint("tiny")).generate([1], 4, **kwargs)
 
 
-def test_bad_checkpoints_are_refused_with_a_message(make, tmp_path):
-    good = make("tiny")
+def test_bad_checkpoints_are_refused_with_a_message(checkpoint, tmp_path):
+    good = checkpoint("tiny")
     with pytest.raises(llorch.CheckpointError, match="no such file"):
         llorch.load(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
@@ -186,9 +171,9 @@ def test_bad_checkpoints_are_refused_with_a_message(make, tmp_path):
         llorch.load(bad_config)
 
 
-def test_loading_124m_costs_little_more_than_the_weights(make):
+def test_loading_124m_costs_little_more_than_the_weights(checkpoint):
     """Weights are memory-mapped and the tied lm_head reads wte in place: peak RSS ~ weight bytes."""
-    path = make("gpt2")
+    path = checkpoint("gpt2")
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) pytest parent.
     script = ("import re, llorch; m = llorch.load(%r); list(m.generate([15496, 13], 8)); "
               "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
@@ -198,8 +183,8 @@ def test_loading_124m_costs_little_more_than_the_weights(make):
     assert peak_rss <= 1.15 * weight_bytes, f"peak RSS {peak_rss / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
 
 
-def test_batched_decoding_is_bitwise_what_each_sequence_gets_alone(make):
-    model = llorch.load(make("odd"))
+def test_batched_decoding_is_bitwise_what_each_sequence_gets_alone(checkpoint):
+    model = llorch.load(checkpoint("odd"))
     caches, tokens, alone = [], [], []
     for prompt in PROMPTS[:4]:                  # different lengths: each sequence at its own position
         ids, cache = enc.encode(prompt), model.new_cache()
