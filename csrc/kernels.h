@@ -57,6 +57,41 @@ static inline float vsum(vfloat v) {
     return s;
 }
 
+typedef int32_t vint __attribute__((vector_size(LL_VBYTES)));
+
+/* Lanes where mask is true (all bits set, as a vector comparison gives) take a, the others b. */
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) {
+    return (vfloat)((mask & (vint)a) | (~mask & (vint)b));
+}
+
+/* exp(y) per lane, within ~2 ulp: y = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, so n ln2 is exact
+ * enough), exp(r) by Cephes' polynomial, 2^n put straight into the exponent bits. Below -87.3 the result
+ * is 0 (no denormals), above 88 it is +inf (exp overflows float32 at 88.72); NaN stays NaN. Written with vector extensions only,
+ * so it is the same code on every SIMD level and every CPU. */
+static inline vfloat vexp(vfloat y) {
+    const vfloat hi = vsplat(88.0f), lo = vsplat(-87.3365478515625f);
+    const vint overflow = y > hi, underflow = y < lo;
+    y = vselect(y > hi, hi, y);
+    y = vselect(y < lo, lo, y);
+    /* n = round(y / ln2): adding 1.5 * 2^23 pushes the fraction out, the low bits of t are n. */
+    const vfloat shifter = vsplat(12582912.0f);
+    const vfloat t = y * vsplat(1.44269504088896341f) + shifter;
+    const vfloat n = t - shifter;
+    vfloat r = y - n * vsplat(0.693359375f);
+    r = r - n * vsplat(-2.12194440e-4f);
+    vfloat p = vsplat(1.9875691500e-4f);
+    p = p * r + vsplat(1.3981999507e-3f);
+    p = p * r + vsplat(8.3334519073e-3f);
+    p = p * r + vsplat(4.1665795894e-2f);
+    p = p * r + vsplat(1.6666665459e-1f);
+    p = p * r + vsplat(5.0000001201e-1f);
+    p = p * (r * r) + r + vsplat(1.0f);
+    const vint pow2n = ((vint)t - (vint)shifter + 127) << 23;   /* n in [-126, 127]: a normal 2^n */
+    vfloat e = p * (vfloat)pow2n;
+    e = vselect(underflow, vsplat(0.0f), e);
+    return vselect(overflow, vsplat(INFINITY), e);
+}
+
 /* sum_i a[i] * b[i] over n floats: vector lanes first, then the tail, in a fixed order. */
 static inline float dot(const float* a, const float* b, int n) {
     vfloat acc = {0};

@@ -1,0 +1,134 @@
+"""Per-kernel speed at GPT-2 124M shapes: GB/s (weight streaming) and GFLOP/s, medians.
+
+    python bench/kernels.py                      # the installed llorch._kernels, 2 threads
+    python bench/kernels.py --vs OTHER.so        # also another build of _kernels, interleaved
+    python bench/kernels.py --only linear --simd avx2 --threads 1 --reps 21
+
+Decode shapes (T = 1) cycle through 12 layers' worth of distinct weight matrices (more than the L3), so
+each call reads its weights from memory as a real decode step does; GB/s counts the weight bytes once.
+Prefill shapes (T = 128, 512) report GFLOP/s (2 T C OC per linear). With --vs, the two builds run
+alternately call by call, so machine load drifts hit both alike: compare their ratio, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+
+import numpy as np
+
+C, NH, V, NL, MAXT = 768, 12, 50257, 12, 1024
+
+
+def load_kernels(path: str | None, tag: str):
+    if path is None:
+        from llorch import _kernels
+        return _kernels
+    spec = importlib.util.spec_from_file_location(f"{tag}._kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cases(rng):
+    """(name, unit, amount per call, make(K) -> zero-argument callable) for each benchmarked call."""
+    r = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    out = []
+    for name, c, oc in (("qkv", C, 3 * C), ("attn_proj", C, C), ("fc", C, 4 * C), ("mlp_proj", 4 * C, C)):
+        ws = [r(c, oc) * 0.02 for _ in range(NL)]
+        b = r(oc)
+        for T in (1, 2, 4):
+            x, o = r(T, c), np.empty((T, oc), np.float32)
+
+            def make(K, ws=ws, b=b, x=x, o=o):
+                it = iter(range(1 << 62))
+                return lambda: K.linear(o, x, ws[next(it) % NL], b)
+            out.append((f"linear {name} T={T} {c}x{oc}", "GB/s", c * oc * 4, make))
+        for T in (128, 512):
+            x, o = r(T, c), np.empty((T, oc), np.float32)
+            out.append((f"linear {name} T={T}", "GFLOP/s", 2 * T * c * oc,
+                        lambda K, w=ws[0], b=b, x=x, o=o: lambda: K.linear(o, x, w, b)))
+    wte = r(V, C) * 0.02
+    for T in (1, 4):
+        x, o = r(T, C), np.empty((T, V), np.float32)
+        out.append((f"lm_head T={T}", "GB/s", V * C * 4, lambda K, x=x, o=o: lambda: K.lm_head(o, x, wte)))
+    for T in (1, 128, 512):
+        x = r(T, 4 * C)
+        o = np.empty_like(x)
+        out.append((f"gelu T={T} x 3072", "Gelem/s", x.size, lambda K, x=x, o=o: lambda: K.gelu(o, x)))
+    for T, start in ((1, 64), (1, 511), (128, 0), (512, 0)):
+        S = start + T
+        qkv = r(T, 3 * C)
+        kc, vc = r(NH, MAXT, C // NH), r(NH, MAXT, C // NH)
+        y, probs = np.empty((T, C), np.float32), np.empty((NH, T, S), np.float32)
+        flops = 4 * NH * (C // NH) * (T * start + T * (T + 1) // 2)   # q.k and p.v over the causal pairs
+        out.append((f"attention T={T} start={start}", "GFLOP/s", flops,
+                    lambda K, y=y, probs=probs, qkv=qkv, kc=kc, vc=vc, start=start:
+                    lambda: K.attention(y, probs, qkv, kc, vc, start)))
+    x = r(512, C)
+    w, b = r(C) + 1, r(C)
+    o = np.empty_like(x)
+    out.append(("layernorm T=512", "GB/s", 2 * x.nbytes, lambda K: lambda: K.layernorm(o, x, w, b, 1e-5)))
+    out.append(("residual T=512", "GB/s", 3 * x.nbytes, lambda K: lambda: K.residual(o, o, x)))
+    return out
+
+
+def timed(fn, seconds: float, clock=time.perf_counter) -> float:
+    """Median seconds per call of a batch sized to take ~`seconds`."""
+    fn()
+    t0, n = clock(), 0
+    while clock() - t0 < seconds / 5 or n < 1:
+        fn()
+        n += 1
+    per = (clock() - t0) / n
+    reps = max(1, int(seconds / 5 / per))
+    samples = []
+    for _ in range(5):
+        t0 = clock()
+        for _ in range(reps):
+            fn()
+        samples.append((clock() - t0) / reps)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vs", help="path of another _kernels .so to compare with (interleaved)")
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--simd", default="auto")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    ap.add_argument("--seconds", type=float, default=0.1, help="time per measurement")
+    ap.add_argument("--cpu", action="store_true",
+                    help="count this thread's CPU time, not wall time (with --threads 1: robust to a loaded machine)")
+    args = ap.parse_args()
+
+    builds = {"this": load_kernels(None, "this")}
+    if args.vs:
+        builds["vs"] = load_kernels(args.vs, "vs")
+    for K in builds.values():
+        K.set_num_threads(args.threads)
+        K.select_simd(args.simd)
+    print(f"threads {args.threads}, simd {next(iter(builds.values())).simd_selected()}", file=sys.stderr)
+    header = f"{'case':42s} {'unit':>8s} " + " ".join(f"{n:>9s}" for n in builds)
+    print(header + ("   ratio" if args.vs else ""))
+    for name, unit, amount, make in cases(np.random.default_rng(0)):
+        if args.only not in name:
+            continue
+        fns = {n: make(K) for n, K in builds.items()}
+        times = {n: [] for n in builds}
+        for _ in range(args.rounds):
+            for n, fn in fns.items():
+                times[n].append(timed(fn, args.seconds, time.thread_time if args.cpu else time.perf_counter))
+        rate = {n: amount / statistics.median(t) / 1e9 for n, t in times.items()}
+        line = f"{name:42s} {unit:>8s} " + " ".join(f"{rate[n]:9.2f}" for n in builds)
+        if args.vs:
+            line += f"   {rate['this'] / rate['vs']:5.2f}x"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
