@@ -96,7 +96,8 @@ def timed(fn, seconds: float, clock=time.perf_counter) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vs", help="path of another _kernels .so to compare with (interleaved)")
+    ap.add_argument("--vs", action="append", default=[],
+                    help="path of another _kernels .so to compare with (interleaved; may be repeated)")
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--simd", default="auto")
@@ -107,14 +108,14 @@ def main() -> None:
     args = ap.parse_args()
 
     builds = {"this": load_kernels(None, "this")}
-    if args.vs:
-        builds["vs"] = load_kernels(args.vs, "vs")
+    for i, path in enumerate(args.vs):
+        builds[f"vs{i + 1}" if len(args.vs) > 1 else "vs"] = load_kernels(path, f"vs{i}")
     for K in builds.values():
         K.set_num_threads(args.threads)
         K.select_simd(args.simd)
     print(f"threads {args.threads}, simd {next(iter(builds.values())).simd_selected()}", file=sys.stderr)
     header = f"{'case':42s} {'unit':>8s} " + " ".join(f"{n:>9s}" for n in builds)
-    print(header + ("   ratio" if args.vs else ""))
+    print(header + ("   ratio" if len(builds) == 2 else ""))
     for name, unit, amount, make in cases(np.random.default_rng(0)):
         if args.only not in name:
             continue
@@ -125,7 +126,7 @@ def main() -> None:
                 times[n].append(timed(fn, args.seconds, time.thread_time if args.cpu else time.perf_counter))
         rate = {n: amount / statistics.median(t) / 1e9 for n, t in times.items()}
         line = f"{name:42s} {unit:>8s} " + " ".join(f"{rate[n]:9.2f}" for n in builds)
-        if args.vs:
+        if len(builds) == 2:
             line += f"   {rate['this'] / rate['vs']:5.2f}x"
         print(line, flush=True)
 

@@ -10,6 +10,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef struct {
     const char* name;
@@ -45,10 +48,24 @@ extern const ll_kernels ll_kernels_avx512;
 #define LL_VLEN (LL_VBYTES / 4)            /* floats per vector */
 typedef float vfloat __attribute__((vector_size(LL_VBYTES)));
 typedef float vfloat_u __attribute__((vector_size(LL_VBYTES), aligned(4), may_alias));
+typedef int32_t vint __attribute__((vector_size(LL_VBYTES)));
 
 static inline vfloat vload(const float* p) { return *(const vfloat_u*)p; }
 static inline void vstore(float* p, vfloat v) { *(vfloat_u*)p = v; }
-static inline vfloat vsplat(float x) { return (vfloat){0} + x; }
+/* x in every lane: one broadcast (the shorter (vfloat){0} + x costs an add, to turn -0 into +0). */
+static inline vfloat vsplat(float x) { return __builtin_shuffle((vfloat){x}, (vint){0}); }
+
+/* Inside a parallel region: this thread's contiguous share [*lo, *hi) of n units, in thread order. Only for
+ * work whose every output is computed the same way whoever owns it (then bits never depend on the split). */
+static inline void ll_share(int n, int* lo, int* hi) {
+#ifdef _OPENMP
+    const long long nth = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    const long long nth = 1, me = 0;
+#endif
+    *lo = (int)(n * me / nth);
+    *hi = (int)(n * (me + 1) / nth);
+}
 
 /* Lanes summed in a fixed order, so a reduction's bits never depend on who computes it. */
 static inline float vsum(vfloat v) {
@@ -56,8 +73,6 @@ static inline float vsum(vfloat v) {
     for (int i = 1; i < LL_VLEN; i++) s += v[i];
     return s;
 }
-
-typedef int32_t vint __attribute__((vector_size(LL_VBYTES)));
 
 /* Lanes where mask is true (all bits set, as a vector comparison gives) take a, the others b. */
 static inline vfloat vselect(vint mask, vfloat a, vfloat b) {

@@ -1,40 +1,32 @@
 /* Linear layer with fused bias, HF Conv1D layout.
  * out [T, OC] = inp [T, C] @ weight [C, OC] + bias [OC]   (bias may be NULL)
  *
- * Output columns are cut into fixed tiles of LIN_TILE; threads take whole tiles. Inside a tile, rows go
- * LIN_ROWS at a time through a register-blocked kernel: per input channel c it loads one row slice of
- * weight and broadcasts each row's inp[t, c]. Every output accumulates over c = 0..C-1 in order, so its
- * bits depend on neither the thread count nor the row blocking. One token (T = 1) is the GEMV of decode;
- * many tokens reuse each weight slice LIN_ROWS times from cache (prefill). */
+ * Every output is one chain: acc = bias[j] (or 0), then acc += inp[t, c] * weight[c, j] for c = 0..C-1 in
+ * order (one fused multiply-add per step where the ISA has FMA). Both paths below and the scalar column
+ * tail compute exactly that chain, so an output's bits depend on neither T, nor the row blocking, nor the
+ * thread count (threads own disjoint columns). Partial sums may rest in `out` between blocks of c: a
+ * float32 store and reload is exact.
+ *
+ * - T < LIN_GEMM_T (decode, small batches): GEMV. Each thread streams its contiguous column range of
+ *   weight row after row, four rows in flight, the T rows of accumulators kept in `out` (L1). Weights are
+ *   read once, in long contiguous runs the prefetchers follow.
+ * - T >= LIN_GEMM_T (prefill): blocked GEMM. For each block of LIN_KC input channels a thread packs a
+ *   LIN_KC x LIN_NR panel of weight contiguously (stack, L1) and runs an LIN_MR x LIN_NR register-blocked
+ *   microkernel down all T rows (inp's block stays in L2). */
 #if LL_VBYTES >= 64
-#define LIN_NV 4                 /* vectors per tile: 4 x 16 floats, 16 accumulators of 32 zmm */
+#define LIN_MR 8                 /* 8 rows x 3 vectors: 24 accumulators of 32 zmm */
+#define LIN_NV 3
 #else
-#define LIN_NV 2                 /* 16 ymm / xmm registers: 8 accumulators */
+#define LIN_MR 6                 /* 6 rows x 2 vectors: 12 accumulators of 16 ymm / xmm */
+#define LIN_NV 2
 #endif
-#define LIN_TILE (LIN_NV * LL_VLEN)
-#define LIN_ROWS 4
+#define LIN_NR (LIN_NV * LL_VLEN)
+#define LIN_KC 256               /* panel LIN_KC x LIN_NR floats: 48 KB (AVX-512, L2), 16 KB (AVX2) */
+#define LIN_GEMM_T 8
+#define LIN_GEMV_CH 1024         /* GEMV columns per pass: T x 4 KB of accumulators */
+#define LIN_PAR_MIN 32768        /* C * OC * T below this: one thread (a parallel region costs ~us) */
 
-static inline __attribute__((always_inline)) void LL_FN(linear_rows)(
-        int R, float* out, const float* inp, const float* weight, const float* bias,
-        int C, int OC, int j) {
-    vfloat acc[LIN_ROWS][LIN_NV];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < LIN_NV; v++)
-            acc[r][v] = bias ? vload(bias + j + v * LL_VLEN) : (vfloat){0};
-    for (int c = 0; c < C; c++) {
-        const float* w = weight + (size_t)c * OC + j;
-        vfloat wv[LIN_NV];
-        for (int v = 0; v < LIN_NV; v++) wv[v] = vload(w + v * LL_VLEN);
-        for (int r = 0; r < R; r++) {
-            const vfloat x = vsplat(inp[(size_t)r * C + c]);
-            for (int v = 0; v < LIN_NV; v++) acc[r][v] += x * wv[v];
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < LIN_NV; v++) vstore(out + (size_t)r * OC + j + v * LL_VLEN, acc[r][v]);
-}
-
-/* The columns past the last full tile, one at a time, same order over c. */
+/* Columns [j0, OC) that do not fill a vector, one at a time (the same chain, scalar). */
 static void LL_FN(linear_tail)(float* out, const float* inp, const float* weight, const float* bias,
                                int T, int C, int OC, int j0) {
     for (int t = 0; t < T; t++)
@@ -45,25 +37,158 @@ static void LL_FN(linear_tail)(float* out, const float* inp, const float* weight
         }
 }
 
-static void LL_FN(linear)(float* out, const float* inp, const float* weight, const float* bias,
-                          int T, int C, int OC) {
-    const int tiles = OC / LIN_TILE;
-    #pragma omp parallel for schedule(static)
-    for (int tile = 0; tile < tiles; tile++) {
-        const int j = tile * LIN_TILE;
-        int t = 0;
-        for (; t + LIN_ROWS <= T; t += LIN_ROWS)
-            LL_FN(linear_rows)(LIN_ROWS, out + (size_t)t * OC, inp + (size_t)t * C, weight, bias, C, OC, j);
-        switch (T - t) {
-            case 3: LL_FN(linear_rows)(3, out + (size_t)t * OC, inp + (size_t)t * C, weight, bias, C, OC, j); break;
-            case 2: LL_FN(linear_rows)(2, out + (size_t)t * OC, inp + (size_t)t * C, weight, bias, C, OC, j); break;
-            case 1: LL_FN(linear_rows)(1, out + (size_t)t * OC, inp + (size_t)t * C, weight, bias, C, OC, j); break;
-            default: break;
+/* ---- GEMV: R = 1..LIN_GEMM_T-1 rows, columns [j0, j1) (whole vectors) ---- */
+
+static inline __attribute__((always_inline)) void LL_FN(gemv_rows)(
+        int R, float* out, const float* inp, const float* weight, const float* bias,
+        int C, int OC, int j0, int j1) {
+    for (int r = 0; r < R; r++)
+        for (int j = j0; j < j1; j += LL_VLEN)
+            vstore(out + (size_t)r * OC + j, bias ? vload(bias + j) : (vfloat){0});
+    int c = 0;
+    for (; c + 4 <= C; c += 4) {
+        const float* w = weight + (size_t)c * OC;
+        vfloat x[LIN_GEMM_T][4];
+        for (int r = 0; r < R; r++)
+            for (int k = 0; k < 4; k++) x[r][k] = vsplat(inp[(size_t)r * C + c + k]);
+        for (int j = j0; j < j1; j += LL_VLEN) {
+            const vfloat w0 = vload(w + j), w1 = vload(w + OC + j);
+            const vfloat w2 = vload(w + 2 * (size_t)OC + j), w3 = vload(w + 3 * (size_t)OC + j);
+            for (int r = 0; r < R; r++) {
+                float* o = out + (size_t)r * OC + j;
+                vfloat acc = vload(o);
+                acc += x[r][0] * w0;
+                acc += x[r][1] * w1;
+                acc += x[r][2] * w2;
+                acc += x[r][3] * w3;
+                vstore(o, acc);
+            }
         }
     }
-    if (tiles * LIN_TILE < OC) LL_FN(linear_tail)(out, inp, weight, bias, T, C, OC, tiles * LIN_TILE);
+    for (; c < C; c++) {
+        const float* w = weight + (size_t)c * OC;
+        for (int r = 0; r < R; r++) {
+            const vfloat x = vsplat(inp[(size_t)r * C + c]);
+            for (int j = j0; j < j1; j += LL_VLEN) {
+                float* o = out + (size_t)r * OC + j;
+                vstore(o, vload(o) + x * vload(w + j));
+            }
+        }
+    }
 }
 
+static void LL_FN(linear_gemv)(float* out, const float* inp, const float* weight, const float* bias,
+                               int T, int C, int OC) {
+    const int nvec = OC / LL_VLEN;
+    #pragma omp parallel if ((size_t)C * OC * T >= LIN_PAR_MIN)
+    {
+        int lo, hi;
+        ll_share(nvec, &lo, &hi);
+        for (int j0 = lo * LL_VLEN; j0 < hi * LL_VLEN; j0 += LIN_GEMV_CH) {
+            const int j1 = j0 + LIN_GEMV_CH < hi * LL_VLEN ? j0 + LIN_GEMV_CH : hi * LL_VLEN;
+            switch (T) {
+#define LIN_GEMV_CASE(R) case R: LL_FN(gemv_rows)(R, out, inp, weight, bias, C, OC, j0, j1); break;
+                LIN_GEMV_CASE(1) LIN_GEMV_CASE(2) LIN_GEMV_CASE(3) LIN_GEMV_CASE(4)
+                LIN_GEMV_CASE(5) LIN_GEMV_CASE(6) LIN_GEMV_CASE(7)
+#undef LIN_GEMV_CASE
+                default: break;
+            }
+        }
+    }
+}
+
+/* ---- GEMM: packed weight panels, LIN_MR x LIN_NR microkernel ---- */
+
+/* Rows [0, R) of out's tile at column j (NV vectors wide) continue their chains over the K channels of
+ * this block: a [R, K] at row stride lda, the packed panel bp [K, LIN_NR]. first: start from the bias. */
+static inline __attribute__((always_inline)) void LL_FN(gemm_micro)(
+        int R, int NV, int K, const float* a, int lda, const float* bp, float* out, int OC,
+        const float* bias, int first) {
+    vfloat acc[LIN_MR][LIN_NV];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = !first ? vload(out + (size_t)r * OC + v * LL_VLEN)
+                      : bias ? vload(bias + v * LL_VLEN) : (vfloat){0};
+    for (int k = 0; k < K; k++) {
+        vfloat b[LIN_NV];
+        for (int v = 0; v < NV; v++) b[v] = vload(bp + (size_t)k * LIN_NR + v * LL_VLEN);
+        for (int r = 0; r < R; r++) {
+            const vfloat x = vsplat(a[(size_t)r * lda + k]);
+            for (int v = 0; v < NV; v++) acc[r][v] += x * b[v];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) vstore(out + (size_t)r * OC + v * LL_VLEN, acc[r][v]);
+}
+
+/* All T rows through one panel: full LIN_MR blocks, then the rest (each R a separately unrolled copy). */
+static inline __attribute__((always_inline)) void LL_FN(gemm_panel)(
+        int NV, int T, int K, const float* a, int C, const float* bp, float* out, int OC,
+        const float* bias, int first) {
+    int t = 0;
+    for (; t + LIN_MR <= T; t += LIN_MR)
+        LL_FN(gemm_micro)(LIN_MR, NV, K, a + (size_t)t * C, C, bp, out + (size_t)t * OC, OC, bias, first);
+    const float* at = a + (size_t)t * C;
+    float* ot = out + (size_t)t * OC;
+    switch (T - t) {
+#define LIN_GEMM_CASE(R) case R: LL_FN(gemm_micro)(R, NV, K, at, C, bp, ot, OC, bias, first); break;
+        LIN_GEMM_CASE(1) LIN_GEMM_CASE(2) LIN_GEMM_CASE(3) LIN_GEMM_CASE(4) LIN_GEMM_CASE(5)
+#if LIN_MR > 7
+        LIN_GEMM_CASE(6) LIN_GEMM_CASE(7)
+#endif
+#undef LIN_GEMM_CASE
+        default: break;
+    }
+}
+
+static void LL_FN(linear_gemm)(float* out, const float* inp, const float* weight, const float* bias,
+                               int T, int C, int OC) {
+    const int nvec = OC / LL_VLEN;
+    const int tiles = (nvec + LIN_NV - 1) / LIN_NV;       /* the last one may be narrower */
+    #pragma omp parallel
+    {
+        float bp[LIN_KC * LIN_NR] __attribute__((aligned(64)));
+        int lo, hi;
+        ll_share(tiles, &lo, &hi);
+        for (int k0 = 0; k0 == 0 || k0 < C; k0 += LIN_KC) {   /* C = 0: the bias alone */
+            const int K = C - k0 < LIN_KC ? C - k0 : LIN_KC;
+            for (int tile = lo; tile < hi; tile++) {
+                const int j = tile * LIN_NR;
+                const int nv = nvec - tile * LIN_NV < LIN_NV ? nvec - tile * LIN_NV : LIN_NV;
+                for (int k = 0; k < K; k++) {
+                    const float* w = weight + (size_t)(k0 + k) * OC + j;
+                    memcpy(bp + (size_t)k * LIN_NR, w, nv * LL_VBYTES);
+                    /* The next tile's rows: strided, so the hardware will not fetch them ahead; they
+                     * arrive while this panel's microkernels run. */
+                    if (tile + 1 < hi)
+                        for (int line = 0; line < LIN_NR * 4; line += 64) __builtin_prefetch(w + LIN_NR + line / 4, 0, 2);
+                }
+                const float* b = bias ? bias + j : NULL;
+                if (nv == LIN_NV)
+                    LL_FN(gemm_panel)(LIN_NV, T, K, inp + k0, C, bp, out + j, OC, b, k0 == 0);
+                else
+                    for (int v = 0; v < nv; v++)     /* a narrow last tile: one vector at a time */
+                        LL_FN(gemm_panel)(1, T, K, inp + k0, C, bp + v * LL_VLEN, out + j + v * LL_VLEN, OC,
+                                          b ? b + v * LL_VLEN : NULL, k0 == 0);
+            }
+        }
+    }
+}
+
+static void LL_FN(linear)(float* out, const float* inp, const float* weight, const float* bias,
+                          int T, int C, int OC) {
+    if (T < LIN_GEMM_T)
+        LL_FN(linear_gemv)(out, inp, weight, bias, T, C, OC);
+    else
+        LL_FN(linear_gemm)(out, inp, weight, bias, T, C, OC);
+    const int j0 = OC / LL_VLEN * LL_VLEN;
+    if (j0 < OC) LL_FN(linear_tail)(out, inp, weight, bias, T, C, OC, j0);
+}
+
+#undef LIN_MR
 #undef LIN_NV
-#undef LIN_TILE
-#undef LIN_ROWS
+#undef LIN_NR
+#undef LIN_KC
+#undef LIN_GEMM_T
+#undef LIN_GEMV_CH
+#undef LIN_PAR_MIN
