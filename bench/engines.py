@@ -1,0 +1,173 @@
+"""One adapter per engine, all with the same three calls on token ids (no tokenizer in the timed path):
+
+    engine = ENGINES[name](files, threads)     # load the model
+    engine.prefill(ids)          -> last-position logits [V] of a pass from an empty cache
+    engine.generate(ids, n)      -> (n greedy token ids, perf_counter() at which each was ready)
+
+generate never stops early (no EOS stop) and starts from an empty cache each call; its first timestamp
+gives the TTFT, the spacing of the rest the decode rate. Heavy imports happen in the constructors, so a
+cold-start process pays for exactly one engine's. missing(name) says why an engine cannot run here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import time
+
+import numpy as np
+
+from convert import ModelFiles
+
+# (import name, distribution) each engine needs
+REQUIRES = {
+    "llorch": [("llorch", "llorch")],
+    "hf": [("torch", "torch"), ("transformers", "transformers")],
+    "llamacpp": [("llama_cpp", "llama-cpp-python"), ("gguf", "gguf")],
+    "ort": [("onnxruntime", "onnxruntime"), ("onnx", "onnx"), ("torch", "torch"), ("transformers", "transformers")],
+}
+
+
+def missing(name: str) -> str | None:
+    """None if the engine's packages are importable, else the reason it is skipped."""
+    absent = [dist for module, dist in REQUIRES[name] if importlib.util.find_spec(module) is None]
+    if not absent:
+        return None
+    hint = "run bench/setup.sh" if name != "llorch" else "pip install ."
+    return f"not installed: {', '.join(absent)} ({hint})"
+
+
+def versions(name: str) -> str:
+    return ", ".join(f"{dist} {importlib.metadata.version(dist)}" for _, dist in REQUIRES[name])
+
+
+class Llorch:
+    title = "llorch"
+
+    def __init__(self, files: ModelFiles, threads: int) -> None:
+        import llorch
+        llorch.set_num_threads(threads)
+        self.model = llorch.load(files.checkpoint)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.model.reset()
+        return self.model.forward(ids, logits="last")[0]
+
+    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+        self.model.reset()
+        tokens, times = [], []
+        for token in self.model.generate(ids, n, eos_token_id=None):
+            times.append(time.perf_counter())
+            tokens.append(int(token))
+        return tokens, times
+
+
+class HF:
+    title = "HF transformers (torch, sdpa)"
+    ATTENTION = "sdpa"        # torch's scaled_dot_product_attention; transformers' default
+
+    def __init__(self, files: ModelFiles, threads: int) -> None:
+        import torch
+        from transformers import GPT2LMHeadModel
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = GPT2LMHeadModel.from_pretrained(files.checkpoint, dtype=torch.float32,
+                                                     attn_implementation=self.ATTENTION).eval()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].numpy()
+
+    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):
+            """Notes when each new token is handed out (generate passes the prompt first)."""
+
+            def __init__(self) -> None:
+                self.tokens, self.times, self.prompt_seen = [], [], False
+
+            def put(self, value) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                self.times.append(time.perf_counter())
+                self.tokens.append(int(value.reshape(-1)[0]))
+
+            def end(self) -> None:
+                pass
+
+        clock = Clock()
+        x = self.torch.tensor([ids])
+        with self.torch.inference_mode():
+            self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=self.model.config.eos_token_id, streamer=clock)
+        return clock.tokens, clock.times
+
+
+class LlamaCpp:
+    title = "llama.cpp (llama-cpp-python, F32 GGUF)"
+    BATCH = 512               # a 512-token prompt goes through in one batch
+
+    def __init__(self, files: ModelFiles, threads: int) -> None:
+        from llama_cpp import Llama
+        self.llm = Llama(model_path=files.gguf, n_ctx=files.shape.n_positions, n_batch=self.BATCH,
+                         n_ubatch=self.BATCH, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()      # llama-cpp-python would otherwise reuse the cached prompt
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[self.llm.n_tokens - 1])
+
+    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+        self.llm.reset()
+        tokens, times = [], []
+        for token in self.llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):  # temp 0: greedy
+            times.append(time.perf_counter())
+            tokens.append(int(token))
+            if len(tokens) == n:
+                break
+        return tokens, times
+
+
+class Ort:
+    title = "ONNX Runtime (torch-exported, with past)"
+
+    def __init__(self, files: ModelFiles, threads: int) -> None:
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(files.onnx, options, providers=["CPUExecutionProvider"])
+        s = files.shape
+        self.n_past = 2 * s.n_layer
+        self.empty = np.zeros((1, s.n_head, 0, s.n_embd // s.n_head), dtype=np.float32)
+
+    def _step(self, ids, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64)}
+        feeds.update((f"past_{i}", p) for i, p in enumerate(past))
+        logits, *present = self.session.run(None, feeds)
+        return logits[0], present
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self._step(ids, [self.empty] * self.n_past)[0]
+
+    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+        tokens, times = [], []
+        logits, past = self._step(ids, [self.empty] * self.n_past)
+        while True:
+            tokens.append(int(np.argmax(logits)))
+            times.append(time.perf_counter())
+            if len(tokens) == n:
+                return tokens, times
+            logits, past = self._step([tokens[-1]], past)
+
+
+ENGINES = {"llorch": Llorch, "hf": HF, "llamacpp": LlamaCpp, "ort": Ort}
+
+
+def prompt(n: int, seed: int = 0, vocab: int = 50256) -> list[int]:
+    """n token ids drawn with a fixed seed, none of them <|endoftext|> (id 50256)."""
+    return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
