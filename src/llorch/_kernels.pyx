@@ -36,37 +36,68 @@ cdef extern from "llorch.h" nogil:
     const char* ll_compiler()
 
 
+cimport numpy as cnp
+
+cnp.import_array()
+
+
+# The checks below run on every kernel call (~150 per decoded token), so they read the array structs
+# directly instead of going through Python attributes; the messages are built only on failure.
 cdef _array(a, str name, dtype, tuple shape, bint writable=False):
-    """Return `a` if it is a C-contiguous ndarray of dtype and shape (None in shape: any size)."""
-    if not isinstance(a, np.ndarray):
+    """Return `a` if it is a C-contiguous ndarray of dtype and shape (None in shape: any size; shape None:
+    any shape)."""
+    if not cnp.PyArray_Check(a):
         raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int want_type = cnp.NPY_FLOAT32 if dtype is np.float32 else cnp.NPY_INT32
+    if cnp.PyArray_TYPE(arr) != want_type or not cnp.PyArray_ISNOTSWAPPED(arr):
         raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
-    if not a.flags.c_contiguous:
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValueError(f"{name}: expected a C-contiguous array")
-    if writable and not a.flags.writeable:
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name}: expected a writable array")
-    if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):
+    if shape is None:
+        return a
+    cdef int ndim = cnp.PyArray_NDIM(arr), i
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(arr)
+    cdef bint ok = ndim == len(shape)
+    if ok:
+        for i in range(ndim):
+            want = shape[i]
+            if want is not None and dims[i] != <cnp.npy_intp>want:
+                ok = False
+                break
+    if not ok:
         wanted = ", ".join("?" if s is None else str(s) for s in shape)
         raise ValueError(f"{name}: expected shape ({wanted}), got {a.shape}")
     return a
 
 
 cdef _distinct(out, str name, inputs):
-    """Kernels that read an input while writing the output must not see the two overlap."""
+    """Kernels that read an input while writing the output must not see the two overlap. The arrays are
+    C-contiguous (checked first), so each spans [data, data + nbytes): the bounds test of
+    np.may_share_memory, without its call overhead."""
+    cdef char* lo = <char*>cnp.PyArray_DATA(<cnp.ndarray>out)
+    cdef char* hi = lo + cnp.PyArray_NBYTES(<cnp.ndarray>out)
+    cdef char* olo
+    cdef char* ohi
+    if lo == hi:
+        return
     for other, other_name in inputs:
-        if other is not None and np.may_share_memory(out, other):
+        if other is None:
+            continue
+        olo = <char*>cnp.PyArray_DATA(<cnp.ndarray>other)
+        ohi = olo + cnp.PyArray_NBYTES(<cnp.ndarray>other)
+        if lo < ohi and olo < hi and olo != ohi:
             raise ValueError(f"{name}: must not overlap {other_name}")
 
 
 cdef inline const float* _cptr(a):
-    cdef const float[::1] flat = a.reshape(-1)
-    return &flat[0] if flat.shape[0] else NULL
+    return <const float*>cnp.PyArray_DATA(<cnp.ndarray>a) if cnp.PyArray_SIZE(<cnp.ndarray>a) else NULL
 
 
 cdef inline float* _ptr(a):
-    cdef float[::1] flat = a.reshape(-1)
-    return &flat[0] if flat.shape[0] else NULL
+    return <float*>cnp.PyArray_DATA(<cnp.ndarray>a) if cnp.PyArray_SIZE(<cnp.ndarray>a) else NULL
 
 
 def embed(out, tokens, wte, wpe, int start_pos):
@@ -127,7 +158,7 @@ def linear(out, inp, weight, bias):
 
 def gelu(out, inp):
     """out = gelu_tanh(inp), any shape, same for both."""
-    _array(inp, "inp", np.float32, tuple(None for _ in range(np.ndim(inp))))
+    _array(inp, "inp", np.float32, None)
     _array(out, "out", np.float32, inp.shape, True)
     cdef float* o = _ptr(out)
     cdef const float* x = _cptr(inp)
@@ -138,7 +169,7 @@ def gelu(out, inp):
 
 def residual(out, a, b):
     """out = a + b, any shape, same for all three (out may be a or b)."""
-    _array(a, "a", np.float32, tuple(None for _ in range(np.ndim(a))))
+    _array(a, "a", np.float32, None)
     _array(b, "b", np.float32, a.shape)
     _array(out, "out", np.float32, a.shape, True)
     cdef float* o = _ptr(out)
