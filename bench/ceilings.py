@@ -74,7 +74,7 @@ class Machine:
         self._parts = np.array_split(self._array, threads)
         self._pool = ThreadPoolExecutor(threads)
 
-    def sgemm_gflops(self, reps: int = 5) -> float:
+    def sgemm_gflops(self, reps: int = 10) -> float:
         """numpy (OpenBLAS) float32 matmul with `threads` threads on the layer shapes at T = 512:
         total FLOPs over the sum of each shape's best time."""
         flops = seconds = 0.0
@@ -84,7 +84,7 @@ class Machine:
             seconds += _best(lambda: np.matmul(a, b, out=out), reps)
         return flops / seconds / 1e9
 
-    def read_gbps(self, reps: int = 3) -> dict[str, float]:
+    def read_gbps(self, reps: int = 5) -> dict[str, float]:
         """Read bandwidth over a 1 GiB array split between `threads` threads (numpy releases the GIL
         inside these loops): numpy sum, and BLAS sdot of each part with itself (one read per element)."""
         nbytes = self._array.nbytes

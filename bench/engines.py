@@ -111,14 +111,16 @@ class LlamaCpp:
     BATCH = 512               # a 512-token prompt goes through in one batch
 
     def __init__(self, files: ModelFiles, threads: int) -> None:
+        import llama_cpp
         from llama_cpp import Llama
+        self.get_logits = llama_cpp.llama_get_logits_ith
         self.llm = Llama(model_path=files.gguf, n_ctx=files.shape.n_positions, n_batch=self.BATCH,
                          n_ubatch=self.BATCH, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()      # llama-cpp-python would otherwise reuse the cached prompt
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[self.llm.n_tokens - 1])
+        self.llm.eval(ids)    # keeps no logits itself unless logits_all: read the last row from the context
+        return np.ctypeslib.as_array(self.get_logits(self.llm.ctx, -1), shape=(self.llm.n_vocab(),)).copy()
 
     def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
         self.llm.reset()

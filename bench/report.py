@@ -144,8 +144,9 @@ def table(results: dict) -> str:
             notes.append(f"{e['title']}: {e['status']}")
         for ref, p in (e["parity"] or {}).items():
             notes.append(f"parity {name} vs {ref}: max |Δlogit| {p['max_abs_logit_diff']:.2e} "
-                         f"({p['relative']:.1e} of max |logit|), greedy tokens equal {p['greedy_tokens_equal']}/"
-                         f"{p['of']} -> {'ok' if p['ok'] else 'MISMATCH'}")
+                         f"({p['relative']:.1e} of max |logit|; prompts of {' and '.join(map(str, p['prompt_lengths']))}"
+                         f" tokens), greedy tokens equal {p['greedy_tokens_equal']}/{p['of']} "
+                         f"({p['distinct_tokens']} distinct) -> {'ok' if p['ok'] else 'MISMATCH'}")
     return "\n".join(lines + notes)
 
 
@@ -187,7 +188,8 @@ def chart(results: dict, path: str) -> None:
         if key in roof:
             ax.axhline(roof[key]["median"], ls="--", color="tab:blue", lw=1)
             ax.annotate(f"ceiling {roof[key]['median']:,.0f}", (0.02, roof[key]["median"]),
-                        xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="tab:blue")
+                        xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="tab:blue",
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
         if key == "peak_rss_bytes":
             w = results["cost"]["weight_bytes"] / GB
             ax.axhline(w, ls=":", color="tab:green", lw=1)

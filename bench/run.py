@@ -107,24 +107,27 @@ def cold_start(engine: str, s: Settings, log) -> tuple[float, int]:
 
 
 def check_parity(workers: dict[str, Worker], s: Settings) -> dict:
-    """Last-position logits of the prompt and the first parity_new greedy tokens of every engine,
-    compared with each reference engine that is running."""
-    ids = prompt(s.prompt)
+    """Every engine against each running reference engine: the last-position logits after the decode prompt
+    and after the longest prefill (all positions up to it pass through the attention and wpe), and the
+    first parity_new greedy tokens of the decode prompt."""
+    lengths = (s.prompt, max(s.prefill))
     logits, tokens = {}, {}
     for name, w in workers.items():
-        path = os.path.join(s.workdir, f"parity-{s.model}-{name}.npy")
-        w.call(op="logits", ids=ids, path=path)
-        logits[name] = np.load(path)
-        tokens[name] = w.call(op="generate", ids=ids, n=s.parity_new)["tokens"]
+        for T in lengths:
+            path = os.path.join(s.workdir, f"parity-{s.model}-{name}-{T}.npy")
+            w.call(op="logits", ids=prompt(T), path=path)
+            logits[name, T] = np.load(path)
+        tokens[name] = w.call(op="generate", ids=prompt(s.prompt), n=s.parity_new)["tokens"]
     out = {}
     for name in workers:
         for ref in (r for r in REFERENCES if r in workers and r != name and name not in out.get(r, {})):
-            diff = float(np.max(np.abs(logits[name] - logits[ref])))
-            scale = float(np.max(np.abs(logits[ref])))
+            diff = max(float(np.max(np.abs(logits[name, T] - logits[ref, T]))) for T in lengths)
+            scale = max(float(np.max(np.abs(logits[ref, T]))) for T in lengths)
             same = next((i for i, (a, b) in enumerate(zip(tokens[name], tokens[ref])) if a != b), s.parity_new)
             out.setdefault(name, {})[ref] = {
-                "max_abs_logit_diff": diff, "relative": diff / scale, "greedy_tokens_equal": same,
-                "of": s.parity_new, "ok": diff / scale <= LOGIT_TOL and same == s.parity_new}
+                "prompt_lengths": lengths, "max_abs_logit_diff": diff, "relative": diff / scale,
+                "greedy_tokens_equal": same, "of": s.parity_new, "distinct_tokens": len(set(tokens[ref])),
+                "ok": diff / scale <= LOGIT_TOL and same == s.parity_new}
     return out
 
 
