@@ -240,13 +240,18 @@ def main() -> None:
 
 
 def machine_facts(threads: int) -> dict:
-    """CPU, cores and the BLAS behind the sgemm ceiling (asked in the measuring process's environment)."""
+    """CPU, cores, the BLAS behind the sgemm ceiling (asked in the measuring process's environment) and
+    the llorch source measured (commit, and any uncommitted changes to it)."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     blas = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
                            "from ceilings import blas_info; print(json.dumps(blas_info()))", BENCH],
                           capture_output=True, text=True, env=worker_env("machine", threads))
+    root = os.path.dirname(BENCH)
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {"cpu": cpu, "cores": os.cpu_count(), "avx512f": "avx512f" in flags, "threads": threads,
+            "llorch_commit": git("rev-parse", "--short", "HEAD"),
+            "llorch_uncommitted": git("status", "--porcelain", "--", "src", "csrc", "setup.py").splitlines(),
             "blas": json.loads(blas.stdout) if blas.returncode == 0 else blas.stderr.strip()[-300:],
             "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")}}
 
