@@ -1,0 +1,145 @@
+"""Continuous batching through llorch-cpud: aggregate tok/s of N concurrent greedy jobs vs one job alone.
+
+    python bench/batching.py [--model DIR] [--jobs 8] [--tokens 64] [--repeats 3] [--threads N]
+
+Starts the daemon on a free 127.0.0.1 port with --max-batch = --jobs, then alternates a single job and a
+burst of --jobs concurrent jobs (alternating spreads the drift of a shared machine over both), each job
+greedy with a distinct prompt. A run's aggregate rate is its tokens (from the `end` events) over the wall
+time from the first request to the last `end`, so prefill, scheduling and HTTP are all counted. During the
+batched runs /health is polled, to show the event loop answering while the model runs (spec 14: 100 ms).
+
+Without --model it uses a seeded random checkpoint at GPT-2 124M's shape, made once in
+/tmp/llorch-bench-gpt2 (the weights' values do not change the speed). Issue 8's target: ratio >= 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+DEFAULT_MODEL_DIR = "/tmp/llorch-bench-gpt2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(url: str, job_id: str, prompt: str, tokens: int) -> int:
+    """POST /execute, read the stream to its end; the number of tokens generated."""
+    body = {"job_id": job_id, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    with httpx.Client(timeout=600.0) as client, client.stream("POST", url + "/execute", json=body) as response:
+        response.raise_for_status()
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event in ("end", "error"):
+                data = json.loads(line[len("data: "):])
+                if event == "error":
+                    raise RuntimeError(f"job {job_id} failed: {data}")
+                return data["tokens_out"]
+    raise RuntimeError(f"job {job_id}: the stream ended without an end event")
+
+
+def aggregate_rate(url: str, jobs: int, tokens: int, tag: str, health_latencies: list[float]) -> float:
+    """Tokens per second of `jobs` concurrent jobs, from the first request to the last end event. Meanwhile
+    /health is polled, and how long each answer took is appended to health_latencies."""
+    prompts = [f"Benchmark job {i} of {jobs}: the weather today is" for i in range(jobs)]
+    done = threading.Event()
+
+    def poll_health() -> None:
+        with httpx.Client(timeout=60.0) as client:
+            while not done.wait(0.02):
+                asked = time.perf_counter()
+                client.get(url + "/health")
+                health_latencies.append(time.perf_counter() - asked)
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(jobs + 1) as pool:
+        pool.submit(poll_health)
+        try:
+            produced = list(pool.map(lambda i: run_job(url, f"{tag}-{i}", prompts[i], tokens), range(jobs)))
+        finally:
+            done.set()
+    return sum(produced) / (time.perf_counter() - started)
+
+
+def start_daemon(model: str, jobs: int, threads: int | None, log) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "llorch.server", "--model", model, "--port", str(port),
+               "--max-batch", str(jobs), "--max-queue", str(jobs)]
+    if threads:
+        command += ["--threads", str(threads)]
+    daemon = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and daemon.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1.0).json()["model_loaded"]:
+                return daemon, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    daemon.kill()
+    raise RuntimeError(f"llorch-cpud did not become ready; see {log.name}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help=f"checkpoint (default: a random 124M-shape one in {DEFAULT_MODEL_DIR})")
+    parser.add_argument("--jobs", type=int, default=8, help="concurrent jobs of the batched runs (default: 8)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per job (default: 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="single/batched run pairs (default: 3)")
+    parser.add_argument("--threads", type=int, help="the daemon's kernel threads (default: its own default)")
+    args = parser.parse_args()
+
+    model = args.model
+    if model is None:
+        model = DEFAULT_MODEL_DIR
+        if not os.path.exists(os.path.join(model, "model.safetensors")):
+            from llorch.testing import make_checkpoint
+            print(f"making a random 124M-shape checkpoint in {model} ...", file=sys.stderr)
+            make_checkpoint(model, "gpt2", seed=0)
+
+    with tempfile.NamedTemporaryFile("w", prefix="llorch-cpud-", suffix=".log", delete=False) as log:
+        daemon, url = start_daemon(model, args.jobs, args.threads, log)
+        try:
+            aggregate_rate(url, 1, 4, "warm-up", [])
+            single, batched, health = [], [], []
+            for repeat in range(args.repeats):
+                single.append(aggregate_rate(url, 1, args.tokens, f"single-{repeat}", []))
+                batched.append(aggregate_rate(url, args.jobs, args.tokens, f"batched-{repeat}", health))
+                print(f"repeat {repeat + 1}: 1 job {single[-1]:7.2f} tok/s, {args.jobs} jobs "
+                      f"{batched[-1]:7.2f} tok/s aggregate, ratio {batched[-1] / single[-1]:.2f}", flush=True)
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
+
+    one, many = statistics.median(single), statistics.median(batched)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nmodel {model}, {args.tokens} tokens per job, {os.cpu_count()} cores, load average {load}")
+    print(f"median of {args.repeats}: 1 job {one:.2f} tok/s; {args.jobs} concurrent jobs {many:.2f} tok/s "
+          f"aggregate; ratio {many / one:.2f} (target >= 4)")
+    health.sort()
+    print(f"/health during the batched runs: median {health[len(health) // 2] * 1e3:.1f} ms, "
+          f"90th percentile {health[len(health) * 9 // 10] * 1e3:.1f} ms, slowest {health[-1] * 1e3:.1f} ms "
+          f"({len(health)} polls)")
+    print(f"daemon log: {log.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
