@@ -2,8 +2,9 @@
 
     llorch-compare OURS REFERENCE [--atol X] [--rtol Y] [--only PATTERN] [--json] [--plot FILE.png]
 
-For every key present in either directory: the shapes first (a mismatch fails and the values are not
-compared), then the largest absolute difference, the relative difference max|a-b| / max|b| (B is the
+For every key present in either directory (a key on one side only fails): the shapes first (a mismatch
+fails and the values are not compared), the kind (integer ids against floats fail), then the largest
+absolute difference, the relative difference max|a-b| / max|b| (B is the
 reference, so relative to the reference tensor's own scale), the index of the worst element, and pass or
 fail against the checkpoint's tolerance from llorch.trace: max|a-b| <= atol + rtol * max|b|. Infinite
 entries (the -inf of masked attention scores) must match exactly; any NaN fails. Exit status: 0 when every
@@ -81,9 +82,9 @@ def compare_arrays(key: str, a: np.ndarray, b: np.ndarray, *, atol: float | None
     else:
         with np.errstate(invalid="ignore"):  # inf - inf: matched infinities, which differ by nothing
             diff = np.where(np.isinf(b), 0.0, np.abs(a - b))
-        worst = int(np.argmax(diff)) if diff.size else 0
-        row.max_abs = float(diff.reshape(-1)[worst]) if diff.size else 0.0
-        row.worst_index = _index(worst, a.shape) if diff.size else ()
+        worst = int(np.argmax(diff)) if diff.size else None
+        row.max_abs = 0.0 if worst is None else float(diff.flat[worst])
+        row.worst_index = () if worst is None else _index(worst, a.shape)
     if row.max_abs == 0:
         row.max_rel = 0.0
     else:
@@ -240,8 +241,9 @@ class _UsageParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _UsageParser(prog="llorch-compare", description=__doc__.split("\n\n")[0],
-                          epilog="Exit status: 0 all pass, 1 some fail, 2 bad usage.")
+    summary, _usage, rule = __doc__.split("\n\n")[:3]
+    parser = _UsageParser(prog="llorch-compare", description=f"{summary}\n\n{rule}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", metavar="A", help="trace directory under test (e.g. llorch's)")
     parser.add_argument("b", metavar="B", help="reference trace directory")
     parser.add_argument("--atol", type=float, help="absolute tolerance for every checkpoint (default: the table's)")
