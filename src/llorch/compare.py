@@ -4,11 +4,11 @@
 
 For every key present in either directory (a key on one side only fails): the shapes first (a mismatch
 fails and the values are not compared), the kind (integer ids against floats fail), then the largest
-absolute difference, the relative difference max|a-b| / max|b| (B is the
-reference, so relative to the reference tensor's own scale), the index of the worst element, and pass or
-fail against the checkpoint's tolerance from llorch.trace: max|a-b| <= atol + rtol * max|b|. Infinite
-entries (the -inf of masked attention scores) must match exactly; any NaN fails. Exit status: 0 when every
-checkpoint passes, 1 when any fails, 2 for bad usage.
+absolute difference, the relative difference max|a-b| / max|b| (B is the reference, so relative to the
+reference tensor's own scale), the index of the worst element, and pass or fail against the checkpoint's
+tolerance from llorch.trace: max|a-b| <= atol + rtol * max|b|. Infinite entries (the -inf of masked
+attention scores) must match exactly; any NaN fails. Exit status: 0 when every checkpoint passes, 1 when
+any fails, 2 for bad usage.
 
 The same comparison is available to tests without files: compare_traces(tracer_a, tracer_b).
 """
