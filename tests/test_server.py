@@ -490,6 +490,25 @@ def test_requests_beyond_the_queue_get_503(small_daemon):
     assert "callback to" in small_daemon.log()   # retried, with a warning
 
 
+def test_a_queued_job_whose_client_leaves_is_dropped(small_daemon):
+    url = small_daemon.url
+    started = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(execute, url, job("occupies-the-slot", max_tokens=1000), lambda s: started.set())
+        assert started.wait(30)
+        with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
+            with http.stream("POST", url + "/execute", json=job("leaves-the-queue")) as response:
+                assert response.status_code == 200   # the headers come at once, the events after admission
+                assert small_daemon.health()["queued_jobs"] == 1
+        deadline = time.monotonic() + 10
+        while small_daemon.health()["queued_jobs"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert small_daemon.health()["queued_jobs"] == 0
+        httpx.post(url + "/cancel", json={"job_id": "occupies-the-slot"}, timeout=5.0)
+        assert running.result(30).terminal[1]["code"] == "CANCELLED"
+    assert "job leaves-the-queue: 4 prompt tokens, 0 out, CANCELLED" in small_daemon.log()
+
+
 def test_sigterm_past_the_grace_period_cancels_jobs_and_exits_zero(small_daemon):
     started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
