@@ -83,15 +83,18 @@ class Daemon:
         with open(self.log_path) as f:
             return f.read()
 
-    def wait_idle(self, timeout: float = 10.0) -> dict:
-        """/health once no job is active or queued (bounded)."""
+    def wait_health(self, condition, timeout: float = 10.0) -> dict:
+        """/health once condition(health) holds (bounded)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             health = self.health()
-            if health["active_jobs"] == 0 and health["queued_jobs"] == 0:
+            if condition(health):
                 return health
-            time.sleep(0.02)
-        raise AssertionError(f"jobs still held after {timeout} s: {health}")
+            time.sleep(0.01)
+        raise AssertionError(f"/health after {timeout} s: {health}")
+
+    def wait_idle(self) -> dict:
+        return self.wait_health(lambda health: health["active_jobs"] == health["queued_jobs"] == 0)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -153,6 +156,18 @@ def execute(url: str, body: dict | str, on_event=None) -> Stream:
 
 def job(job_id: str, prompt: str = "The quick brown fox", max_tokens: int = 16, **options) -> dict:
     return {"job_id": job_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **options}
+
+
+def start_in_background(pool: concurrent.futures.Executor, url: str, body: dict, tokens: int = 0):
+    """execute() on the pool; returns its future once the job has started and streamed `tokens` tokens."""
+    ready = threading.Event()
+
+    def on_event(stream: Stream) -> None:
+        if len(stream.tokens) >= tokens:
+            ready.set()
+    running = pool.submit(execute, url, body, on_event)
+    assert ready.wait(30), running.result()
+    return running
 
 
 def greedy_text(model, prompt: str, max_tokens: int, repetition_penalty: float = 1.0) -> str:
@@ -319,15 +334,8 @@ def test_invalid_requests_get_400_listing_every_violated_field(daemon, case):
 
 
 def test_duplicate_active_job_id_is_409_and_cancel_ends_the_stream(daemon):
-    tokens_seen = threading.Event()
-
-    def on_event(stream: Stream) -> None:
-        if len(stream.tokens) >= 3:
-            tokens_seen.set()
-
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(execute, daemon.url, job("dup", max_tokens=1000), on_event)
-        assert tokens_seen.wait(30)
+        running = start_in_background(pool, daemon.url, job("dup", max_tokens=1000), tokens=3)
         assert execute(daemon.url, job("dup")).status == 409
         response = httpx.post(daemon.url + "/cancel", json={"job_id": "dup"}, timeout=5.0)
         cancelled_at = time.perf_counter()
@@ -448,11 +456,8 @@ def test_openai_client_works_unchanged(daemon, model):
 
 def test_sigterm_lets_running_jobs_finish_then_exits_zero(daemon):
     """The last test of the shared daemon: it stops it."""
-    first_token = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(execute, daemon.url, job("draining", max_tokens=600),
-                              lambda s: first_token.set() if s.tokens else None)
-        assert first_token.wait(30)
+        running = start_in_background(pool, daemon.url, job("draining", max_tokens=600), tokens=1)
         daemon.process.send_signal(signal.SIGTERM)
         name, end = running.result(60).terminal
     assert name == "end" and end["tokens_out"] == 600   # within the 10 s grace period
@@ -474,14 +479,10 @@ def small_daemon(model_path, tmp_path_factory):
 
 def test_requests_beyond_the_queue_get_503(small_daemon):
     url = small_daemon.url
-    started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = pool.submit(execute, url, job("running", max_tokens=1000), lambda s: started.set())
-        assert started.wait(30)
+        running = start_in_background(pool, url, job("running", max_tokens=1000))
         queued = pool.submit(execute, url, job("queued", max_tokens=4))
-        deadline = time.monotonic() + 10
-        while small_daemon.health()["queued_jobs"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        small_daemon.wait_health(lambda health: health["queued_jobs"] == 1)
         refused = execute(url, job("refused"))
         assert refused.status == 503 and refused.body["errors"][0]["constraint"] == "queue_full"
         httpx.post(url + "/cancel", json={"job_id": "running"}, timeout=5.0)
@@ -492,28 +493,21 @@ def test_requests_beyond_the_queue_get_503(small_daemon):
 
 def test_a_queued_job_whose_client_leaves_is_dropped(small_daemon):
     url = small_daemon.url
-    started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(execute, url, job("occupies-the-slot", max_tokens=1000), lambda s: started.set())
-        assert started.wait(30)
+        running = start_in_background(pool, url, job("occupies-the-slot", max_tokens=1000))
         with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
             with http.stream("POST", url + "/execute", json=job("leaves-the-queue")) as response:
                 assert response.status_code == 200   # the headers come at once, the events after admission
                 assert small_daemon.health()["queued_jobs"] == 1
-        deadline = time.monotonic() + 10
-        while small_daemon.health()["queued_jobs"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert small_daemon.health()["queued_jobs"] == 0
+        small_daemon.wait_health(lambda health: health["queued_jobs"] == 0)
         httpx.post(url + "/cancel", json={"job_id": "occupies-the-slot"}, timeout=5.0)
         assert running.result(30).terminal[1]["code"] == "CANCELLED"
     assert "job leaves-the-queue: 4 prompt tokens, 0 out, CANCELLED" in small_daemon.log()
 
 
 def test_sigterm_past_the_grace_period_cancels_jobs_and_exits_zero(small_daemon):
-    started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(execute, small_daemon.url, job("cut-short", max_tokens=1000), lambda s: started.set())
-        assert started.wait(30)
+        running = start_in_background(pool, small_daemon.url, job("cut-short", max_tokens=1000))
         small_daemon.process.send_signal(signal.SIGTERM)
         name, error = running.result(30).terminal
     assert name == "error" and error["code"] == "CANCELLED"
