@@ -218,3 +218,24 @@ def _encode(values: np.ndarray, dtype: str) -> bytes:
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
         return rounded.astype("<u2").tobytes()
     return values.astype("<f4" if dtype == "float32" else "<f2").tobytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m llorch.testing SHAPE DIRECTORY [--seed N] [--variant V] [--dtype D]: write a checkpoint."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m llorch.testing",
+                                     description="Write a seeded random GPT-2 checkpoint in Hugging Face's "
+                                                 "layout (for machines without the real weights).")
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=VARIANTS, default="normal")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    args = parser.parse_args(argv)
+    path = make_checkpoint(args.directory, args.shape, seed=args.seed, variant=args.variant, dtype=args.dtype)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
