@@ -51,6 +51,25 @@ def cases(rng):
             x, o = r(T, c), np.empty((T, oc), np.float32)
             out.append((f"linear {name} T={T}", "GFLOP/s", 2 * T * c * oc,
                         lambda K, w=ws[0], b=b, x=x, o=o: lambda: K.linear(o, x, w, b)))
+        # the model's layout: weights packed once into column panels (linear_packed)
+        def packed(K, ws=ws):
+            if not hasattr(K, "pack_linear"):
+                return None
+            ps = [np.empty(w.size, np.float32) for w in ws]
+            for p, w in zip(ps, ws):
+                K.pack_linear(p, w)
+            return ps
+        for T in (1, 2, 4, 128, 512):
+            x, o = r(T, c), np.empty((T, oc), np.float32)
+
+            def make(K, b=b, x=x, o=o, T=T, packed=packed):
+                ps = packed(K)
+                if ps is None:
+                    return None
+                it = iter(range(1 << 62))
+                return lambda: K.linear_packed(o, x, ps[next(it) % NL if T < 8 else 0], b)
+            out.append((f"linear_packed {name} T={T}", "GB/s" if T < 8 else "GFLOP/s",
+                        c * oc * 4 if T < 8 else 2 * T * c * oc, make))
     wte = r(V, C) * 0.02
     for T in (1, 4):
         x, o = r(T, C), np.empty((T, V), np.float32)
@@ -120,13 +139,17 @@ def main() -> None:
         if args.only not in name:
             continue
         fns = {n: make(K) for n, K in builds.items()}
-        times = {n: [] for n in builds}
+        fns = {n: f for n, f in fns.items() if f is not None}   # a build without this kernel
+        if not fns:
+            continue
+        times = {n: [] for n in fns}
         for _ in range(args.rounds):
             for n, fn in fns.items():
                 times[n].append(timed(fn, args.seconds, time.thread_time if args.cpu else time.perf_counter))
-        rate = {n: amount / statistics.median(t) / 1e9 for n, t in times.items()}
-        line = f"{name:42s} {unit:>8s} " + " ".join(f"{rate[n]:9.2f}" for n in builds)
-        if len(builds) == 2:
+        rate = {n: amount / statistics.median(t) / 1e9 for n, t in times.items() if t}
+        line = f"{name:42s} {unit:>8s} " + " ".join(f"{rate[n]:9.2f}" if n in rate else f"{'-':>9s}"
+                                                    for n in builds)
+        if len(rate) == 2:
             line += f"   {rate['this'] / rate['vs']:5.2f}x"
         print(line, flush=True)
 

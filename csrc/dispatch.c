@@ -76,6 +76,13 @@ void ll_linear(float* out, const float* inp, const float* weight, const float* b
                int T, int C, int OC) {
     active()->linear(out, inp, weight, bias, T, C, OC);
 }
+void ll_pack_linear(float* packed, const float* weight, int C, int OC) {
+    active()->pack_linear(packed, weight, C, OC);
+}
+void ll_linear_packed(float* out, const float* inp, const float* packed, const float* bias,
+                      int T, int C, int OC) {
+    active()->linear_packed(out, inp, packed, bias, T, C, OC);
+}
 void ll_gelu(float* out, const float* inp, int N) { active()->gelu(out, inp, N); }
 void ll_residual(float* out, const float* a, const float* b, int N) { active()->residual(out, a, b, N); }
 void ll_kv_write(float* k_cache, float* v_cache, const float* qkv,

@@ -7,6 +7,7 @@
 #include "ops/embed.c"
 #include "ops/layernorm.c"
 #include "ops/linear.c"
+#include "ops/linear_packed.c"
 #include "ops/gelu.c"
 #include "ops/residual.c"
 #include "ops/kv_write.c"
@@ -19,6 +20,8 @@ const ll_kernels LL_CAT(ll_kernels, LL_ISA) = {
     .embed = LL_FN(embed),
     .layernorm = LL_FN(layernorm),
     .linear = LL_FN(linear),
+    .pack_linear = LL_FN(pack_linear),
+    .linear_packed = LL_FN(linear_packed),
     .gelu = LL_FN(gelu),
     .residual = LL_FN(residual),
     .kv_write = LL_FN(kv_write),

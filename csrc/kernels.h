@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include "llorch.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -19,6 +20,8 @@ typedef struct {
     void (*embed)(float*, const int32_t*, const float*, const float*, int, int, int);
     void (*layernorm)(float*, const float*, const float*, const float*, int, int, float);
     void (*linear)(float*, const float*, const float*, const float*, int, int, int);
+    void (*pack_linear)(float*, const float*, int, int);
+    void (*linear_packed)(float*, const float*, const float*, const float*, int, int, int);
     void (*gelu)(float*, const float*, int);
     void (*residual)(float*, const float*, const float*, int);
     void (*kv_write)(float*, float*, const float*, int, int, int, int, int);
@@ -46,6 +49,7 @@ extern const ll_kernels ll_kernels_avx512;
 #define LL_FN(name) LL_CAT(name, LL_ISA)   /* linear -> linear_avx512 */
 
 #define LL_VLEN (LL_VBYTES / 4)            /* floats per vector */
+#define LL_PANEL LLORCH_PANEL              /* columns per panel of a packed linear weight */
 typedef float vfloat __attribute__((vector_size(LL_VBYTES)));
 typedef float vfloat_u __attribute__((vector_size(LL_VBYTES), aligned(4), may_alias));
 typedef int32_t vint __attribute__((vector_size(LL_VBYTES)));

@@ -23,6 +23,16 @@ void ll_layernorm(float* out, const float* inp, const float* weight, const float
 void ll_linear(float* out, const float* inp, const float* weight, const float* bias,
                int T, int C, int OC);
 
+/* The same linear layer on a weight repacked once (at load) into column panels of LLORCH_PANEL:
+ * packed [C * OC], panel p = columns [p P, p P + w) stored as [C][w] at offset p P C (P = LLORCH_PANEL,
+ * w = P except for a narrower last panel). Each thread then streams contiguous memory; the packing is
+ * the same for every SIMD path, and ll_linear_packed(out, inp, pack(weight), bias) is bitwise
+ * ll_linear(out, inp, weight, bias). */
+#define LLORCH_PANEL 64
+void ll_pack_linear(float* packed, const float* weight, int C, int OC);
+void ll_linear_packed(float* out, const float* inp, const float* packed, const float* bias,
+                      int T, int C, int OC);
+
 /* out[i] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's "gelu_new".  [N] */
 void ll_gelu(float* out, const float* inp, int N);
 

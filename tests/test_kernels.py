@@ -287,6 +287,44 @@ def test_linear_property(simd, T, C, OC, with_bias, seed):
     linear_case(np.random.default_rng(seed), T, C, OC, with_bias)
 
 
+def packed(w):
+    p = empty(w.size)
+    K.pack_linear(p, w)
+    return p
+
+
+def linear_packed_case(rng, T, C, OC, with_bias):
+    """The packed layout (the model's) gives bitwise what linear gives on the HF layout."""
+    x, w = randn(rng, T, C), randn(rng, C, OC)
+    b = randn(rng, OC) if with_bias else None
+    want, got = empty(T, OC), empty(T, OC)
+    K.linear(want, x, w, b)
+    K.linear_packed(got, x, packed(w), b)
+    assert_bitwise(got, want, f"linear_packed T={T} C={C} OC={OC}")
+
+
+@pytest.mark.parametrize("T, C, OC", [(1, 1, 1), (1, 3, 3), (2, 37, 130), (7, 120, 200), (8, 120, 200),
+                                      (9, 64, 64), (1, 768, 2304), (6, 3072, 768), (13, 300, 129), (130, 768, 64)])
+def test_linear_packed_is_linear(simd, T, C, OC):
+    for with_bias in (True, False):
+        linear_packed_case(np.random.default_rng(T * C * OC), T, C, OC, with_bias)
+
+
+@PROPERTY
+@given(T=st.integers(1, 20), C=st.integers(0, 80), OC=st.integers(1, 200), with_bias=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_linear_packed_property(simd, T, C, OC, with_bias, seed):
+    linear_packed_case(np.random.default_rng(seed), T, C, OC, with_bias)
+
+
+def test_pack_linear_layout():
+    """Panel p holds columns [p PANEL, p PANEL + w) as [C][w], one panel after the other."""
+    C, OC, P = 5, 2 * K.PANEL + 3, K.PANEL
+    w = np.arange(C * OC, dtype=F32).reshape(C, OC)
+    want = np.concatenate([w[:, :P].ravel(), w[:, P:2 * P].ravel(), w[:, 2 * P:].ravel()])
+    assert_bitwise(packed(w), want, "pack_linear")
+
+
 @PROPERTY
 @given(T=st.integers(1, 6), C=st.integers(1, 300), offset=st.floats(-100, 100), seed=st.integers(0, 2**32 - 1))
 def test_layernorm_property(simd, T, C, offset, seed):
@@ -375,9 +413,11 @@ def test_attention_property(simd, NH, HS, T, start_pos, extra, seed):
 
 def test_rows_independent_of_batch(simd):
     rng = np.random.default_rng(11)
-    T, C, OC, V = 9, 120, 200, 300
+    T, C, OC, V = 19, 120, 200, 300   # 19 rows: GEMM blocks and a remainder, vs the GEMV of one row
     x, w, b, wte = randn(rng, T, C), randn(rng, C, OC), randn(rng, OC), randn(rng, V, C)
+    wp = packed(w)
     ops = {"linear": (lambda o, r: K.linear(o, r, w, b), OC),
+           "linear_packed": (lambda o, r: K.linear_packed(o, r, wp, b), OC),
            "layernorm": (lambda o, r: K.layernorm(o, r, w[:, 0].copy(), b[:C].copy(), 1e-5), C),
            "lm_head": (lambda o, r: K.lm_head(o, r, wte), V)}
     for name, (run, width) in ops.items():
@@ -449,6 +489,8 @@ def valid_args() -> dict[str, dict]:
                       wpe=randn(rng, maxT, C), start_pos=1),
         "layernorm": dict(out=empty(T, C), inp=randn(rng, T, C), weight=randn(rng, C), bias=randn(rng, C), eps=1e-5),
         "linear": dict(out=empty(T, 3), inp=randn(rng, T, C), weight=randn(rng, C, 3), bias=randn(rng, 3)),
+        "linear_packed": dict(out=empty(T, 3), inp=randn(rng, T, C), packed=randn(rng, C * 3), bias=randn(rng, 3)),
+        "pack_linear": dict(packed=empty(C * 3), weight=randn(rng, C, 3)),
         "gelu": dict(out=empty(T, C), inp=randn(rng, T, C)),
         "residual": dict(out=empty(T, C), a=randn(rng, T, C), b=randn(rng, T, C)),
         "kv_write": dict(k_cache=cache(), v_cache=cache(), qkv=randn(rng, T, 3 * C), start_pos=2),
@@ -476,6 +518,10 @@ BAD_ARGUMENTS = [
     ("linear", "out", read_only, r"^out: expected a writable array"),
     ("linear", "bias", lambda a: a[:2].copy(), r"^bias: expected shape \(3\)"),
     ("linear", "weight", one_more_row, r"^weight: expected shape \(6, \?\)"),
+    ("linear_packed", "packed", lambda a: a[:-1].copy(), r"^packed: expected shape \(18\), got \(17,\)"),
+    ("linear_packed", "bias", lambda a: a[:2].copy(), r"^bias: expected shape \(3\)"),
+    ("pack_linear", "packed", lambda a: a.reshape(6, 3), r"^packed: expected shape \(18\)"),
+    ("pack_linear", "packed", read_only, r"^packed: expected a writable array"),
     ("layernorm", "weight", one_more_row, r"^weight: expected shape \(6\)"),
     ("layernorm", "out", as_float64, r"^out: expected dtype float32"),
     ("embed", "tokens", lambda t: t.astype(np.int64), r"^tokens: expected dtype int32, got int64"),

@@ -16,6 +16,10 @@ cdef extern from "llorch.h" nogil:
                       int T, int C, float eps)
     void ll_linear(float* out, const float* inp, const float* weight, const float* bias,
                    int T, int C, int OC)
+    void ll_pack_linear(float* packed, const float* weight, int C, int OC)
+    void ll_linear_packed(float* out, const float* inp, const float* packed, const float* bias,
+                          int T, int C, int OC)
+    int LLORCH_PANEL
     void ll_gelu(float* out, const float* inp, int N)
     void ll_residual(float* out, const float* a, const float* b, int N)
     void ll_kv_write(float* k_cache, float* v_cache, const float* qkv,
@@ -154,6 +158,41 @@ def linear(out, inp, weight, bias):
     cdef const float* w = _cptr(weight)
     with nogil:
         ll_linear(o, x, w, b, T, C, OC)
+
+
+PANEL = LLORCH_PANEL
+
+
+def pack_linear(packed, weight):
+    """packed [C * OC] = weight [C, OC] cut into column panels of PANEL (the layout of linear_packed)."""
+    _array(weight, "weight", np.float32, (None, None))
+    cdef int C = weight.shape[0], OC = weight.shape[1]
+    _array(packed, "packed", np.float32, (C * OC,), True)
+    _distinct(packed, "packed", ((weight, "weight"),))
+    cdef float* o = _ptr(packed)
+    cdef const float* w = _cptr(weight)
+    with nogil:
+        ll_pack_linear(o, w, C, OC)
+
+
+def linear_packed(out, inp, packed, bias):
+    """out [T, OC] = inp [T, C] @ weight + bias [OC] (bias may be None), weight given as
+    pack_linear(weight): packed [C * OC]. Bitwise what linear(out, inp, weight, bias) gives."""
+    _array(inp, "inp", np.float32, (None, None))
+    cdef int T = inp.shape[0], C = inp.shape[1]
+    _array(out, "out", np.float32, (T, None), True)
+    cdef int OC = out.shape[1]
+    _array(packed, "packed", np.float32, (C * OC,))
+    cdef const float* b = NULL
+    if bias is not None:
+        _array(bias, "bias", np.float32, (OC,))
+        b = _cptr(bias)
+    _distinct(out, "out", ((inp, "inp"), (packed, "packed"), (bias, "bias")))
+    cdef float* o = _ptr(out)
+    cdef const float* x = _cptr(inp)
+    cdef const float* w = _cptr(packed)
+    with nogil:
+        ll_linear_packed(o, x, w, b, T, C, OC)
 
 
 def gelu(out, inp):

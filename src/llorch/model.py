@@ -28,29 +28,48 @@ class ContextError(ValueError):
 
 @dataclass(frozen=True)
 class Block:
-    """One transformer block's weights, HF Conv1D layout ([in, out])."""
+    """One transformer block's weights. The four matrices, HF Conv1D [in, out], are repacked at load into
+    the column panels of K.linear_packed (flat, same size): each thread then streams contiguous memory."""
     ln_1_w: np.ndarray
     ln_1_b: np.ndarray
-    c_attn_w: np.ndarray   # [C, 3C]
+    c_attn_w: np.ndarray   # [C, 3C] packed
     c_attn_b: np.ndarray
-    attn_proj_w: np.ndarray  # [C, C]
+    attn_proj_w: np.ndarray  # [C, C] packed
     attn_proj_b: np.ndarray
     ln_2_w: np.ndarray
     ln_2_b: np.ndarray
-    c_fc_w: np.ndarray     # [C, 4C]
+    c_fc_w: np.ndarray     # [C, 4C] packed
     c_fc_b: np.ndarray
-    mlp_proj_w: np.ndarray  # [4C, C]
+    mlp_proj_w: np.ndarray  # [4C, C] packed
     mlp_proj_b: np.ndarray
 
     @classmethod
     def from_weights(cls, w: dict[str, np.ndarray], i: int) -> "Block":
         h = f"h.{i}."
         return cls(w[h + "ln_1.weight"], w[h + "ln_1.bias"],
-                   w[h + "attn.c_attn.weight"], w[h + "attn.c_attn.bias"],
-                   w[h + "attn.c_proj.weight"], w[h + "attn.c_proj.bias"],
+                   _packed(w[h + "attn.c_attn.weight"]), w[h + "attn.c_attn.bias"],
+                   _packed(w[h + "attn.c_proj.weight"]), w[h + "attn.c_proj.bias"],
                    w[h + "ln_2.weight"], w[h + "ln_2.bias"],
-                   w[h + "mlp.c_fc.weight"], w[h + "mlp.c_fc.bias"],
-                   w[h + "mlp.c_proj.weight"], w[h + "mlp.c_proj.bias"])
+                   _packed(w[h + "mlp.c_fc.weight"]), w[h + "mlp.c_fc.bias"],
+                   _packed(w[h + "mlp.c_proj.weight"]), w[h + "mlp.c_proj.bias"])
+
+
+def _packed(weight: np.ndarray) -> np.ndarray:
+    """weight [C, OC] repacked for K.linear_packed. The copy replaces the original: when that is a view of
+    the memory-mapped checkpoint, its pages leave this process (the page cache keeps them), so the
+    resident size stays about the weight bytes, not twice."""
+    packed = np.empty(weight.size, dtype=np.float32)
+    K.pack_linear(packed, weight)
+    owner = weight
+    while owner is not None and not isinstance(owner, mmap.mmap):
+        owner = owner.obj if isinstance(owner, memoryview) else getattr(owner, "base", None)
+    if owner is not None:
+        page = mmap.PAGESIZE
+        offset = weight.ctypes.data - np.frombuffer(owner, dtype=np.uint8).ctypes.data
+        begin, end = -(-offset // page) * page, (offset + weight.nbytes) // page * page  # whole pages only
+        if end > begin:
+            owner.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+    return packed
 
 
 class Workspace:
@@ -189,7 +208,7 @@ class GPT2:
         for i, b in enumerate(self.blocks):
             K.layernorm(ln, x, b.ln_1_w, b.ln_1_b, eps)
             if trace: trace("ln_1", i, ln)
-            K.linear(qkv, ln, b.c_attn_w, b.c_attn_b)
+            K.linear_packed(qkv, ln, b.c_attn_w, b.c_attn_b)
             if trace: trace("attn.qkv", i, qkv)
             for (ids, start_pos, cache), r in zip(segments, rows):
                 S = start_pos + ids.size
@@ -199,17 +218,17 @@ class GPT2:
                 if trace: trace("attn.k_cache", i, cache.k[i, :, :S]); trace("attn.v_cache", i, cache.v[i, :, :S])
                 K.attention(y[r], probs, qkv[r], cache.k[i], cache.v[i], start_pos, scores)
                 if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
-            K.linear(proj, y, b.attn_proj_w, b.attn_proj_b)
+            K.linear_packed(proj, y, b.attn_proj_w, b.attn_proj_b)
             if trace: trace("attn.proj", i, proj)
             K.residual(x, x, proj)
             if trace: trace("res_1", i, x)
             K.layernorm(ln, x, b.ln_2_w, b.ln_2_b, eps)
             if trace: trace("ln_2", i, ln)
-            K.linear(fc, ln, b.c_fc_w, b.c_fc_b)
+            K.linear_packed(fc, ln, b.c_fc_w, b.c_fc_b)
             if trace: trace("mlp.fc", i, fc)
             K.gelu(fc, fc)
             if trace: trace("mlp.gelu", i, fc)
-            K.linear(proj, fc, b.mlp_proj_w, b.mlp_proj_b)
+            K.linear_packed(proj, fc, b.mlp_proj_w, b.mlp_proj_b)
             if trace: trace("mlp.proj", i, proj)
             K.residual(x, x, proj)
             if trace: trace("block_out", i, x)
