@@ -70,11 +70,11 @@ class Machine:
         self._gemms = [(rng.standard_normal((SGEMM_ROWS, k), dtype=np.float32),
                         rng.standard_normal((k, n), dtype=np.float32))
                        for k, n in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C))]
-        self._array = np.ones(BANDWIDTH_ARRAY_BYTES // 4, dtype=np.float32)
+        self._array = np.arange(BANDWIDTH_ARRAY_BYTES // 4, dtype=np.float32)   # no two pages alike
         self._parts = np.array_split(self._array, threads)
         self._pool = ThreadPoolExecutor(threads)
 
-    def sgemm_gflops(self, reps: int = 10) -> float:
+    def sgemm_gflops(self, reps: int = 20) -> float:
         """numpy (OpenBLAS) float32 matmul with `threads` threads on the layer shapes at T = 512:
         total FLOPs over the sum of each shape's best time."""
         flops = seconds = 0.0
