@@ -139,10 +139,19 @@ static void LL_FN(linear_packed_gemm)(float* out, const float* inp, const float*
                     const int col = p * LL_PANEL + j;
                     const float* b = panel + (size_t)k0 * LL_PANEL + j;
                     const float* bb = bias ? bias + col : NULL;
-                    int t = 0;
-                    for (; t + LP_MR <= T; t += LP_MR)
+                    /* While the first columns run, fetch the next block of channels into L2 (it follows
+                     * in memory: the rest of this panel, then the next), a slice per row block: the first
+                     * pass over a block would otherwise wait on DRAM. */
+                    const float* next = j == 0 && (k0 + K < C || p + 1 < hi) ? b + (size_t)K * LL_PANEL : NULL;
+                    const int lines = LP_KC * LL_PANEL * 4 / 64, blocks = T / LP_MR;
+                    int t = 0, block = 0;
+                    for (; t + LP_MR <= T; t += LP_MR, block++) {
+                        if (next)
+                            for (int l = block * lines / blocks; l < (block + 1) * lines / blocks; l++)
+                                __builtin_prefetch(next + l * 16, 0, 2);
                         LL_FN(gemm_packed_micro)(LP_MR, K, inp + (size_t)t * C + k0, C, b,
                                                  out + (size_t)t * OC + col, OC, bb, k0 == 0);
+                    }
                     const float* at = inp + (size_t)t * C + k0;
                     float* ot = out + (size_t)t * OC + col;
                     switch (T - t) {
