@@ -4,7 +4,7 @@
 - OpenMP really runs a team of 2 threads when asked;
 - every SIMD path agrees with the best one on a real forward pass, within the logits checkpoint tolerance;
 - LLORCH_SIMD and LLORCH_NUM_THREADS work at import (subprocesses), bad values warn and change nothing;
-- logits are bitwise identical for 1, 2 and 3 threads (prompt pass and decode step), tiny / odd / gpt2 shapes.
+- logits are bitwise identical for 1, 2, 3 and 4 threads (prompt pass and decode step), tiny / odd / gpt2 shapes.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def test_invalid_llorch_num_threads_warns():
 def test_logits_bitwise_identical_for_any_thread_count(checkpoint, restore_runtime, shape):
     model = llorch.load(checkpoint(shape))
     runs = {}
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 4):
         llorch.set_num_threads(threads)
         assert K.parallel_team_size() == threads
         runs[threads] = prompt_and_decode(model)
