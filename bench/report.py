@@ -136,6 +136,12 @@ def table(results: dict) -> str:
                                            for T, v in cost["prefill_flops_per_token"].items()) + ".")
     notes.append("(%) = fraction of the ceiling measured in the same round (decode: read bandwidth; "
                  "prefill: sgemm); RSS × weights = peak RSS / FP32 weight bytes.")
+    over = [f"{name} {k.removesuffix('_of_ceiling')}" for name, e in results["engines"].items()
+            for k, f in e["fractions"].items() if k.endswith("_of_ceiling") and f.get("n") and f["median"] > 1]
+    if over:
+        notes.append(f"Above 100 % ({', '.join(over)}): that round's ceiling measurement was slowed more by other "
+                     f"load than the engine was (OpenBLAS splits an sgemm statically between its 2 threads and waits "
+                     f"for the slower): the machine was busy; rerun when it is idle.")
     notes.append(f"Load average (1 min): {load['before'][0]:.2f} before, "
                  f"{', '.join(f'{x:.2f}' for x in load['rounds'])} at each round, {load['after'][0]:.2f} after "
                  f"({m['cores']} cores).")
