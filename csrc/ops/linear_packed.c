@@ -12,15 +12,15 @@
  * Each output is the same chain as in linear.c: acc = bias[j] (or 0), then acc += inp[t, c] * w[c, j] for
  * c = 0..C-1 in order. So linear_packed gives bitwise the output of linear, for any T, row blocking and
  * thread count (threads own whole panels). */
+#define LP_MR 6                  /* GEMM rows: x LP_NR vectors, 24 zmm (AVX-512) or 12 ymm / xmm accumulators */
 #if LL_VBYTES >= 64
-#define LP_MR 6                  /* GEMM: 6 rows x one 64-column panel row (4 zmm): 24 accumulators */
+#define LP_NR 4                  /* GEMM width in vectors: a whole 64-column panel row */
 #define LP_PANELS 2              /* GEMV: two panels streamed side by side (8 accumulators) */
 #else
-#define LP_MR 4                  /* 4 rows x 2 vectors: 8 accumulators */
-#define LP_PANELS 1
+#define LP_NR 2
+#define LP_PANELS 1              /* one panel: 8 ymm / 16 xmm accumulators */
 #endif
 #define LP_NV (LL_PANEL / LL_VLEN)  /* vectors per panel row */
-#define LP_NR (LL_VBYTES >= 64 ? LP_NV : 2)  /* GEMM microkernel width in vectors */
 #define LP_KC 256                /* GEMM: channels per block; a panel block is 64 KB (L2) */
 #define LP_GEMM_T 8
 
