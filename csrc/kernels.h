@@ -111,6 +111,30 @@ static inline vfloat vexp(vfloat y) {
     return vselect(overflow, vsplat(INFINITY), e);
 }
 
+/* The GEMM microkernel of linear.c and linear_packed.c. Rows [0, R) of an output tile NV vectors wide
+ * (out, row stride ldo) continue their chains over K channels, out[r] += a[r, k] b[k] for k in order, with
+ * a [R, K] at row stride lda and b [K, NV vectors] at row stride ldb; first: start from bias (or 0) instead
+ * of out. R <= 8 and NV <= 4 are constants at every call: inlined, the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void gemm_micro(
+        int R, int NV, int K, const float* a, int lda, const float* b, int ldb, float* out, int ldo,
+        const float* bias, int first) {
+    vfloat acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = !first ? vload(out + (size_t)r * ldo + v * LL_VLEN)
+                      : bias ? vload(bias + v * LL_VLEN) : (vfloat){0};
+    for (int k = 0; k < K; k++) {
+        vfloat bv[4];
+        for (int v = 0; v < NV; v++) bv[v] = vload(b + (size_t)k * ldb + v * LL_VLEN);
+        for (int r = 0; r < R; r++) {
+            const vfloat x = vsplat(a[(size_t)r * lda + k]);
+            for (int v = 0; v < NV; v++) acc[r][v] += x * bv[v];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) vstore(out + (size_t)r * ldo + v * LL_VLEN, acc[r][v]);
+}
+
 /* sum_i a[i] * b[i] over n floats: vector lanes first, then the tail, in a fixed order. */
 static inline float dot(const float* a, const float* b, int n) {
     vfloat acc = {0};

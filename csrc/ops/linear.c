@@ -97,39 +97,17 @@ static void LL_FN(linear_gemv)(float* out, const float* inp, const float* weight
 
 /* ---- GEMM: packed weight panels, LIN_MR x LIN_NR microkernel ---- */
 
-/* Rows [0, R) of out's tile at column j (NV vectors wide) continue their chains over the K channels of
- * this block: a [R, K] at row stride lda, the packed panel bp [K, LIN_NR]. first: start from the bias. */
-static inline __attribute__((always_inline)) void LL_FN(gemm_micro)(
-        int R, int NV, int K, const float* a, int lda, const float* bp, float* out, int OC,
-        const float* bias, int first) {
-    vfloat acc[LIN_MR][LIN_NV];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++)
-            acc[r][v] = !first ? vload(out + (size_t)r * OC + v * LL_VLEN)
-                      : bias ? vload(bias + v * LL_VLEN) : (vfloat){0};
-    for (int k = 0; k < K; k++) {
-        vfloat b[LIN_NV];
-        for (int v = 0; v < NV; v++) b[v] = vload(bp + (size_t)k * LIN_NR + v * LL_VLEN);
-        for (int r = 0; r < R; r++) {
-            const vfloat x = vsplat(a[(size_t)r * lda + k]);
-            for (int v = 0; v < NV; v++) acc[r][v] += x * b[v];
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) vstore(out + (size_t)r * OC + v * LL_VLEN, acc[r][v]);
-}
-
 /* All T rows through one panel: full LIN_MR blocks, then the rest (each R a separately unrolled copy). */
 static inline __attribute__((always_inline)) void LL_FN(gemm_panel)(
         int NV, int T, int K, const float* a, int C, const float* bp, float* out, int OC,
         const float* bias, int first) {
     int t = 0;
     for (; t + LIN_MR <= T; t += LIN_MR)
-        LL_FN(gemm_micro)(LIN_MR, NV, K, a + (size_t)t * C, C, bp, out + (size_t)t * OC, OC, bias, first);
+        gemm_micro(LIN_MR, NV, K, a + (size_t)t * C, C, bp, LIN_NR, out + (size_t)t * OC, OC, bias, first);
     const float* at = a + (size_t)t * C;
     float* ot = out + (size_t)t * OC;
     switch (T - t) {
-#define LIN_GEMM_CASE(R) case R: LL_FN(gemm_micro)(R, NV, K, at, C, bp, ot, OC, bias, first); break;
+#define LIN_GEMM_CASE(R) case R: gemm_micro(R, NV, K, at, C, bp, LIN_NR, ot, OC, bias, first); break;
         LIN_GEMM_CASE(1) LIN_GEMM_CASE(2) LIN_GEMM_CASE(3) LIN_GEMM_CASE(4) LIN_GEMM_CASE(5)
 #if LIN_MR > 7
         LIN_GEMM_CASE(6) LIN_GEMM_CASE(7)

@@ -103,27 +103,6 @@ static void LL_FN(linear_packed_gemv)(float* out, const float* inp, const float*
 
 /* ---- GEMM (T >= LP_GEMM_T): LP_MR rows x LP_NR vectors, straight from the panel ---- */
 
-/* Rows [0, R) of out's tile continue their chains over K channels: a [R, K] at row stride C, b the panel
- * rows (stride LL_PANEL). first: start from the bias (bias already offset to the tile, or NULL). */
-static inline __attribute__((always_inline)) void LL_FN(gemm_packed_micro)(
-        int R, int K, const float* a, int C, const float* b, float* out, int OC, const float* bias, int first) {
-    vfloat acc[LP_MR][LP_NR];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < LP_NR; v++)
-            acc[r][v] = !first ? vload(out + (size_t)r * OC + v * LL_VLEN)
-                      : bias ? vload(bias + v * LL_VLEN) : (vfloat){0};
-    for (int k = 0; k < K; k++) {
-        vfloat bv[LP_NR];
-        for (int v = 0; v < LP_NR; v++) bv[v] = vload(b + (size_t)k * LL_PANEL + v * LL_VLEN);
-        for (int r = 0; r < R; r++) {
-            const vfloat x = vsplat(a[(size_t)r * C + k]);
-            for (int v = 0; v < LP_NR; v++) acc[r][v] += x * bv[v];
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < LP_NR; v++) vstore(out + (size_t)r * OC + v * LL_VLEN, acc[r][v]);
-}
-
 static void LL_FN(linear_packed_gemm)(float* out, const float* inp, const float* packed, const float* bias,
                                       int T, int C, int OC) {
     const int full = OC / LL_PANEL;
@@ -149,13 +128,13 @@ static void LL_FN(linear_packed_gemm)(float* out, const float* inp, const float*
                         if (next)
                             for (int l = block * lines / blocks; l < (block + 1) * lines / blocks; l++)
                                 __builtin_prefetch(next + l * 16, 0, 2);
-                        LL_FN(gemm_packed_micro)(LP_MR, K, inp + (size_t)t * C + k0, C, b,
-                                                 out + (size_t)t * OC + col, OC, bb, k0 == 0);
+                        gemm_micro(LP_MR, LP_NR, K, inp + (size_t)t * C + k0, C, b, LL_PANEL,
+                                   out + (size_t)t * OC + col, OC, bb, k0 == 0);
                     }
                     const float* at = inp + (size_t)t * C + k0;
                     float* ot = out + (size_t)t * OC + col;
                     switch (T - t) {
-#define LP_CASE(R) case R: LL_FN(gemm_packed_micro)(R, K, at, C, b, ot, OC, bb, k0 == 0); break;
+#define LP_CASE(R) case R: gemm_micro(R, LP_NR, K, at, C, b, LL_PANEL, ot, OC, bb, k0 == 0); break;
                         LP_CASE(1) LP_CASE(2) LP_CASE(3)
 #if LP_MR > 4
                         LP_CASE(4) LP_CASE(5)
