@@ -1,13 +1,16 @@
 """Per-kernel speed at GPT-2 124M shapes: GB/s (weight streaming) and GFLOP/s, medians.
 
     python bench/kernels.py                      # the installed llorch._kernels, 2 threads
-    python bench/kernels.py --vs OTHER.so        # also another build of _kernels, interleaved
-    python bench/kernels.py --only linear --simd avx2 --threads 1 --reps 21
+    python bench/kernels.py --vs OTHER.so        # also other builds of _kernels (repeatable), interleaved
+    python bench/kernels.py --only linear_packed --simd avx2 --threads 1 --cpu --rounds 7
 
-Decode shapes (T = 1) cycle through 12 layers' worth of distinct weight matrices (more than the L3), so
-each call reads its weights from memory as a real decode step does; GB/s counts the weight bytes once.
-Prefill shapes (T = 128, 512) report GFLOP/s (2 T C OC per linear). With --vs, the two builds run
-alternately call by call, so machine load drifts hit both alike: compare their ratio, not absolute numbers.
+Decode shapes (T = 1, 2, 4) cycle through 12 layers' worth of distinct weight matrices (more than the L3),
+so each call reads its weights from memory as a real decode step does; GB/s counts the weight bytes once.
+Prefill shapes (T = 128, 512) report GFLOP/s (2 T C OC per linear) on one weight (in cache). linear is
+the HF layout, linear_packed the model's (weights packed once into panels). With --vs, the builds run
+alternately, so machine load drifts hit all alike: compare ratios, not absolute numbers. On a loaded
+machine, --threads 1 --cpu (this thread's CPU time) is steadier; 2-thread wall times then need the
+machine to itself (e.g. a real-time priority for the few seconds of the run).
 """
 
 from __future__ import annotations
