@@ -56,8 +56,31 @@ typedef int32_t vint __attribute__((vector_size(LL_VBYTES)));
 
 static inline vfloat vload(const float* p) { return *(const vfloat_u*)p; }
 static inline void vstore(float* p, vfloat v) { *(vfloat_u*)p = v; }
+/* LL_LANES(F, w): F(0, w), F(1, w), ..., F(LL_VLEN - 1, w), to spell constant lane indices. */
+#if LL_VLEN == 16
+#define LL_LANES(F, w) F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w), \
+                       F(8, w), F(9, w), F(10, w), F(11, w), F(12, w), F(13, w), F(14, w), F(15, w)
+#elif LL_VLEN == 8
+#define LL_LANES(F, w) F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w)
+#elif LL_VLEN == 4
+#define LL_LANES(F, w) F(0, w), F(1, w), F(2, w), F(3, w)
+#else
+#error "unsupported vector width"
+#endif
+
+/* Lanes of a and b (indices 0 .. 2 LL_VLEN - 1, constants): GCC's and clang's builtins differ. */
+#if defined(__clang__)
+#define LL_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define LL_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vint){__VA_ARGS__})
+#endif
+#define LL_LANE0(j, w) 0
+
 /* x in every lane: one broadcast (the shorter (vfloat){0} + x costs an add, to turn -0 into +0). */
-static inline vfloat vsplat(float x) { return __builtin_shuffle((vfloat){x}, (vint){0}); }
+static inline vfloat vsplat(float x) {
+    const vfloat v = {x};
+    return LL_SHUFFLE(v, v, LL_LANES(LL_LANE0, 0));
+}
 
 /* Inside a parallel region: this thread's contiguous share [*lo, *hi) of n units, in thread order. Only for
  * work whose every output is computed the same way whoever owns it (then bits never depend on the split). */

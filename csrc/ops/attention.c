@@ -16,21 +16,11 @@
  * takes lanes j and j + w/2 of the even vector, the second half those of the odd one. */
 #define ATT_LO(j, w) ((j) % (w) < (w) / 2 ? (j) : LL_VLEN + (j) - (w) / 2)
 #define ATT_HI(j, w) ((j) % (w) < (w) / 2 ? (j) + (w) / 2 : LL_VLEN + (j))
-#if LL_VLEN == 16
-#define ATT_LANES(F, w) F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w), \
-                        F(8, w), F(9, w), F(10, w), F(11, w), F(12, w), F(13, w), F(14, w), F(15, w)
-#elif LL_VLEN == 8
-#define ATT_LANES(F, w) F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w)
-#elif LL_VLEN == 4
-#define ATT_LANES(F, w) F(0, w), F(1, w), F(2, w), F(3, w)
-#else
-#error "attention: unsupported vector width"
-#endif
 #define ATT_STEP(w)                                                                             \
     _Pragma("GCC unroll 8")                                                                     \
     for (int m = 0; m < n / 2; m++)                                                             \
-        a[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], (vint){ATT_LANES(ATT_LO, w)}) +         \
-               __builtin_shuffle(a[2 * m], a[2 * m + 1], (vint){ATT_LANES(ATT_HI, w)});         \
+        a[m] = LL_SHUFFLE(a[2 * m], a[2 * m + 1], LL_LANES(ATT_LO, w)) +                           \
+               LL_SHUFFLE(a[2 * m], a[2 * m + 1], LL_LANES(ATT_HI, w));                           \
     n /= 2;
 
 /* Lane L of the result = the sum of the lanes of a[bitrev(L)] (a is overwritten). */
@@ -214,5 +204,4 @@ static void LL_FN(attention)(float* out, float* scores, float* probs, const floa
 #undef ATT_ROWS
 #undef ATT_LO
 #undef ATT_HI
-#undef ATT_LANES
 #undef ATT_STEP
