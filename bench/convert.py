@@ -14,9 +14,11 @@ that looks finished. bench/run.py checks both against HF on the same prompt befo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,7 +161,7 @@ def export_onnx(checkpoint: str, out_dir: str) -> str:
     past = [torch.zeros((1, NH, 3, HS)) for _ in range(2 * L)]
     T = torch.export.Dim("T", min=1, max=cfg.n_positions)
     P = torch.export.Dim("P", min=0, max=cfg.n_positions)
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):   # its progress lines: not the table's stdout
         program = torch.onnx.export(
             WithPast(), (ids, past), dynamo=True, opset_version=ONNX_OPSET,
             dynamic_shapes=({1: T}, [{2: P}] * (2 * L)),
