@@ -175,6 +175,7 @@ def main() -> None:
     files = ModelFiles(s.workdir, s.model, s.seed)
     log = open(os.path.join(s.workdir, f"workers-{s.model}.log"), "a")
     load_before = os.getloadavg()
+    facts = machine_facts(s.threads)      # before anything runs: the llorch source that is measured
 
     status, workers = {}, {}
     for name in names:
@@ -232,7 +233,7 @@ def main() -> None:
         titles={n: ENGINES[n].title for n in names},
         versions={n: versions(n) for n in names if not status[n].startswith("skipped")},
         parity=parity, engine_samples=engine_samples, machine_samples=machine_samples,
-        machine=machine_facts(s.threads), load={"before": load_before, "rounds": loads, "after": os.getloadavg()})
+        machine=facts, load={"before": load_before, "rounds": loads, "after": os.getloadavg()})
     print(report.table(results))
     out_dir = os.path.join(BENCH, "results", "quick") if args.quick else os.path.join(BENCH, "results")
     paths = report.save(results, out_dir, datetime.date.today().isoformat())
