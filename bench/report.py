@@ -139,9 +139,9 @@ def table(results: dict) -> str:
     over = [f"{name} {k.removesuffix('_of_ceiling')}" for name, e in results["engines"].items()
             for k, f in e["fractions"].items() if k.endswith("_of_ceiling") and f.get("n") and f["median"] > 1]
     if over:
-        notes.append(f"Above 100 % ({', '.join(over)}): that round's ceiling measurement was slowed more by other "
-                     f"load than the engine was (OpenBLAS splits an sgemm statically between its 2 threads and waits "
-                     f"for the slower): the machine was busy; rerun when it is idle.")
+        notes.append(f"Above 100 % ({', '.join(over)}): the engine's matrix code beat OpenBLAS on these shapes, "
+                     f"or other load slowed that round's sgemm more than the engine (OpenBLAS splits it statically "
+                     f"between its 2 threads and waits for the slower); see the per-round samples in the JSON.")
     notes.append(f"Load average (1 min): {load['before'][0]:.2f} before, "
                  f"{', '.join(f'{x:.2f}' for x in load['rounds'])} at each round, {load['after'][0]:.2f} after "
                  f"({m['cores']} cores).")
