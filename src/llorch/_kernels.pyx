@@ -141,6 +141,14 @@ def layernorm(out, inp, weight, bias, float eps):
         ll_layernorm(o, x, w, b, T, C, eps)
 
 
+cdef const float* _bias_cptr(bias, int OC) except? NULL:
+    """The bias [OC] of a linear layer, or NULL for none."""
+    if bias is None:
+        return NULL
+    _array(bias, "bias", np.float32, (OC,))
+    return _cptr(bias)
+
+
 def linear(out, inp, weight, bias):
     """out [T, OC] = inp [T, C] @ weight [C, OC] + bias [OC] (bias may be None)."""
     _array(inp, "inp", np.float32, (None, None))
@@ -148,10 +156,7 @@ def linear(out, inp, weight, bias):
     _array(weight, "weight", np.float32, (C, None))
     cdef int OC = weight.shape[1]
     _array(out, "out", np.float32, (T, OC), True)
-    cdef const float* b = NULL
-    if bias is not None:
-        _array(bias, "bias", np.float32, (OC,))
-        b = _cptr(bias)
+    cdef const float* b = _bias_cptr(bias, OC)
     _distinct(out, "out", ((inp, "inp"), (weight, "weight"), (bias, "bias")))
     cdef float* o = _ptr(out)
     cdef const float* x = _cptr(inp)
@@ -183,10 +188,7 @@ def linear_packed(out, inp, packed, bias):
     _array(out, "out", np.float32, (T, None), True)
     cdef int OC = out.shape[1]
     _array(packed, "packed", np.float32, (C * OC,))
-    cdef const float* b = NULL
-    if bias is not None:
-        _array(bias, "bias", np.float32, (OC,))
-        b = _cptr(bias)
+    cdef const float* b = _bias_cptr(bias, OC)
     _distinct(out, "out", ((inp, "inp"), (packed, "packed"), (bias, "bias")))
     cdef float* o = _ptr(out)
     cdef const float* x = _cptr(inp)
