@@ -137,16 +137,18 @@ static inline vfloat vexp(vfloat y) {
 /* The GEMM microkernel of linear.c and linear_packed.c. Rows [0, R) of an output tile NV vectors wide
  * (out, row stride ldo) continue their chains over K channels, out[r] += a[r, k] b[k] for k in order, with
  * a [R, K] at row stride lda and b [K, NV vectors] at row stride ldb; first: start from bias (or 0) instead
- * of out. R <= 8 and NV <= 4 are constants at every call: inlined, the accumulators stay in registers. */
+ * of out; prefetch (or NULL): the row of b to fetch into cache at each k, a fixed distance ahead. R <= 8 and NV <= 4 are constants at every call: inlined, the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void gemm_micro(
         int R, int NV, int K, const float* a, int lda, const float* b, int ldb, float* out, int ldo,
-        const float* bias, int first) {
+        const float* bias, int first, const float* prefetch) {
     vfloat acc[8][4];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++)
             acc[r][v] = !first ? vload(out + (size_t)r * ldo + v * LL_VLEN)
                       : bias ? vload(bias + v * LL_VLEN) : (vfloat){0};
     for (int k = 0; k < K; k++) {
+        if (prefetch)
+            for (int l = 0; l < NV * LL_VBYTES; l += 64) __builtin_prefetch((const char*)(prefetch + (size_t)k * ldb) + l, 0, 2);
         vfloat bv[4];
         for (int v = 0; v < NV; v++) bv[v] = vload(b + (size_t)k * ldb + v * LL_VLEN);
         for (int r = 0; r < R; r++) {

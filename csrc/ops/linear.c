@@ -103,11 +103,11 @@ static inline __attribute__((always_inline)) void LL_FN(gemm_panel)(
         const float* bias, int first) {
     int t = 0;
     for (; t + LIN_MR <= T; t += LIN_MR)
-        gemm_micro(LIN_MR, NV, K, a + (size_t)t * C, C, bp, LIN_NR, out + (size_t)t * OC, OC, bias, first);
+        gemm_micro(LIN_MR, NV, K, a + (size_t)t * C, C, bp, LIN_NR, out + (size_t)t * OC, OC, bias, first, NULL);
     const float* at = a + (size_t)t * C;
     float* ot = out + (size_t)t * OC;
     switch (T - t) {
-#define LIN_GEMM_CASE(R) case R: gemm_micro(R, NV, K, at, C, bp, LIN_NR, ot, OC, bias, first); break;
+#define LIN_GEMM_CASE(R) case R: gemm_micro(R, NV, K, at, C, bp, LIN_NR, ot, OC, bias, first, NULL); break;
         LIN_GEMM_CASE(1) LIN_GEMM_CASE(2) LIN_GEMM_CASE(3) LIN_GEMM_CASE(4) LIN_GEMM_CASE(5)
 #if LIN_MR > 7
         LIN_GEMM_CASE(6) LIN_GEMM_CASE(7)

@@ -22,7 +22,8 @@
 #endif
 #define LP_NV (LL_PANEL / LL_VLEN)  /* vectors per panel row */
 #define LP_KC 256                /* GEMM: channels per block; a panel block is 64 KB (L2) */
-#define LP_GEMM_T 8
+#define LP_GEMM_T 2
+#define LP_AHEAD 16             /* GEMM: channels (16 x 256 B) between the row read and the row fetched */
 
 /* Rows of weight are read in order (one pass over the mapped file, split over threads by rows); each
  * row's columns go to their panels. */
@@ -118,23 +119,19 @@ static void LL_FN(linear_packed_gemm)(float* out, const float* inp, const float*
                     const int col = p * LL_PANEL + j;
                     const float* b = panel + (size_t)k0 * LL_PANEL + j;
                     const float* bb = bias ? bias + col : NULL;
-                    /* While the first columns run, fetch the next block of channels into L2 (it follows
-                     * in memory: the rest of this panel, then the next), a slice per row block: the first
-                     * pass over a block would otherwise wait on DRAM. */
-                    const float* next = j == 0 && (k0 + K < C || p + 1 < hi) ? b + (size_t)K * LL_PANEL : NULL;
-                    const int lines = LP_KC * LL_PANEL * 4 / 64, blocks = T / LP_MR;
-                    int t = 0, block = 0;
-                    for (; t + LP_MR <= T; t += LP_MR, block++) {
-                        if (next)
-                            for (int l = block * lines / blocks; l < (block + 1) * lines / blocks; l++)
-                                __builtin_prefetch(next + l * 16, 0, 2);
+                    /* The first row block also fetches the stream LP_AHEAD channels ahead (the rest of
+                     * this panel, then the next: they follow in memory), so the DRAM reads overlap its
+                     * FMAs; the later row blocks find the block in L1/L2. */
+                    const float* ahead = j == 0 ? b + (size_t)LP_AHEAD * LL_PANEL : NULL;
+                    int t = 0;
+                    for (; t + LP_MR <= T; t += LP_MR)
                         gemm_micro(LP_MR, LP_NR, K, inp + (size_t)t * C + k0, C, b, LL_PANEL,
-                                   out + (size_t)t * OC + col, OC, bb, k0 == 0);
-                    }
+                                   out + (size_t)t * OC + col, OC, bb, k0 == 0, t == 0 ? ahead : NULL);
                     const float* at = inp + (size_t)t * C + k0;
                     float* ot = out + (size_t)t * OC + col;
+                    const float* pf = t == 0 ? ahead : NULL;
                     switch (T - t) {
-#define LP_CASE(R) case R: gemm_micro(R, LP_NR, K, at, C, b, LL_PANEL, ot, OC, bb, k0 == 0); break;
+#define LP_CASE(R) case R: gemm_micro(R, LP_NR, K, at, C, b, LL_PANEL, ot, OC, bb, k0 == 0, pf); break;
                         LP_CASE(1) LP_CASE(2) LP_CASE(3)
 #if LP_MR > 4
                         LP_CASE(4) LP_CASE(5)
@@ -165,3 +162,4 @@ static void LL_FN(linear_packed)(float* out, const float* inp, const float* pack
 #undef LP_NR
 #undef LP_KC
 #undef LP_GEMM_T
+#undef LP_AHEAD
