@@ -1,6 +1,7 @@
 /* Included once by each isa_<level>.c after it has set LL_ISA, LL_VBYTES and its target pragma:
  * compiles every op for that level and publishes them as the table ll_kernels_<level>. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
 

@@ -46,8 +46,8 @@ void ll_kv_write(float* k_cache, float* v_cache, const float* qkv,
 
 /* Causal self-attention of this pass's queries (columns [0, C) of qkv [T, 3C]) over cached positions
  * [0, start_pos + t] of k_cache/v_cache [NH, maxT, HS]; heads merged into out [T, C].
- * probs [NH, T, S] is required (softmax weights; masked entries 0). scores [NH, T, S] may be NULL;
- * when given it receives q.k / sqrt(HS) with masked entries -inf (for tracing). */
+ * probs and scores [NH, T, S] may be NULL; when given (for tracing) they receive the softmax weights
+ * (masked entries 0) and q.k / sqrt(HS) (masked entries -inf). */
 void ll_attention(float* out, float* scores, float* probs, const float* qkv,
                   const float* k_cache, const float* v_cache,
                   int T, int C, int NH, int start_pos, int maxT);

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import llorch
+from llorch.model import PREFILL_ROWS
 from llorch.sampling import Sampler
 from llorch.trace import CHECKPOINTS, Tracer, expected_shape
 
@@ -78,6 +79,19 @@ def test_last_logits_is_the_last_row_of_all(checkpoint):
     last = model.forward(ids, logits="last")
     assert last.shape == (1, 50257)
     np.testing.assert_array_equal(last[0], all_rows[-1])
+
+
+def test_a_long_prompt_in_several_passes_is_bitwise_one_pass(checkpoint):
+    """forward runs a prompt longer than PREFILL_ROWS in several passes; a traced forward is one pass."""
+    model = llorch.load(checkpoint("tiny"))
+    ids = np.random.default_rng(0).integers(0, 50257, 2 * PREFILL_ROWS + 37)
+    passes = model.forward(ids, logits="all")
+    model.reset()
+    one_pass = model.forward(ids, logits="all", tracer=Tracer())
+    assert passes.shape == (ids.size, 50257)
+    np.testing.assert_array_equal(passes, one_pass)
+    model.reset()
+    np.testing.assert_array_equal(model.forward(ids, logits="last")[0], one_pass[-1])
 
 
 def test_trace_reports_every_checkpoint_with_the_table_shapes(checkpoint):

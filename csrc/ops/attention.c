@@ -2,7 +2,7 @@
  * q of token t, head h = qkv [T, 3C] at columns [h*HS, (h+1)*HS); token t sits at position
  * p = start_pos + t and attends to cached positions 0..p of k_cache, v_cache [NH, maxT, HS].
  *   scores [NH, T, S] = q.k / sqrt(HS), -inf where s > p (optional, for tracing; may be NULL)
- *   probs  [NH, T, S] = softmax over s (max subtracted first), exactly 0 where s > p
+ *   probs  [NH, T, S] = softmax over s (max subtracted first), exactly 0 where s > p (optional: may be NULL)
  *   out    [T, C]     = sum_s probs * v, heads merged back side by side
  * (head, block of 4 tokens) pairs are split over threads. A row's every reduction runs in an order fixed by its own
  * length, so a token gets the same bits in a prompt pass as in a decode step:
@@ -172,12 +172,18 @@ static void LL_FN(attention)(float* out, float* scores, float* probs, const floa
     const int S = start_pos + T;
     const float scale = 1.0f / sqrtf((float)HS);
     const int blocks = (T + ATT_ROWS - 1) / ATT_ROWS;
-    #pragma omp parallel for collapse(2) schedule(static) if ((size_t)NH * T * S * HS > 16384)
+    #pragma omp parallel if ((size_t)NH * T * S * HS > 16384)
+    {
+    /* Without probs (no trace), each thread keeps the rows of its block in its own scratch: no [NH, T, S]
+     * buffer, which a 1024-token pass would need 48 MB for at 124M. */
+    float* scratch = probs ? NULL : (float*)malloc((size_t)ATT_ROWS * S * sizeof(float));
+    if (!probs && !scratch) abort();
+    #pragma omp for collapse(2) schedule(static)
     for (int h = 0; h < NH; h++) {
         for (int b = 0; b < blocks; b++) {
             const int t0 = b * ATT_ROWS, R = T - t0 < ATT_ROWS ? T - t0 : ATT_ROWS;
             const float* k = k_cache + (size_t)h * maxT * HS;
-            float* p = probs + ((size_t)h * T + t0) * S;
+            float* p = probs ? probs + ((size_t)h * T + t0) * S : scratch;
             for (int r = 0; r < R; r++) {
                 const float* q = qkv + (size_t)(t0 + r) * 3 * C + h * HS;
                 float* sc = scores ? scores + ((size_t)h * T + t0 + r) * S : NULL;
@@ -197,6 +203,8 @@ static void LL_FN(attention)(float* out, float* scores, float* probs, const floa
                 default: LL_FN(att_pv_rows)(1, o, C, p, S, v, n0, HS); break;
             }
         }
+    }
+    free(scratch);
     }
 }
 

@@ -250,12 +250,16 @@ def kv_write(k_cache, v_cache, qkv, int start_pos):
 
 
 def attention(out, probs, qkv, k_cache, v_cache, int start_pos, scores=None):
-    """out [T, C] = causal attention of qkv's queries over the cache; probs [NH, T, S] (and scores) filled."""
+    """out [T, C] = causal attention of qkv's queries over the cache; probs and scores [NH, T, S], when
+    given (not None), are filled too."""
     cdef int T, C, NH, maxT
     _check_cache(qkv, k_cache, v_cache, start_pos, &T, &C, &NH, &maxT)
     cdef int S = start_pos + T
     _array(out, "out", np.float32, (T, C), True)
-    _array(probs, "probs", np.float32, (NH, T, S), True)
+    cdef float* p = NULL
+    if probs is not None:
+        _array(probs, "probs", np.float32, (NH, T, S), True)
+        p = _ptr(probs)
     cdef float* sc = NULL
     if scores is not None:
         _array(scores, "scores", np.float32, (NH, T, S), True)
@@ -264,9 +268,9 @@ def attention(out, probs, qkv, k_cache, v_cache, int start_pos, scores=None):
         if buf is not None:
             _distinct(buf, buf_name, ((qkv, "qkv"), (k_cache, "k_cache"), (v_cache, "v_cache")))
     _distinct(out, "out", ((probs, "probs"), (scores, "scores")))
-    _distinct(probs, "probs", ((scores, "scores"),))
+    if probs is not None:
+        _distinct(probs, "probs", ((scores, "scores"),))
     cdef float* o = _ptr(out)
-    cdef float* p = _ptr(probs)
     cdef const float* x = _cptr(qkv)
     cdef const float* kc = _cptr(k_cache)
     cdef const float* vc = _cptr(v_cache)

@@ -1,4 +1,4 @@
-"""The generation loop: one prefill pass over the prompt, then one decode pass per new token.
+"""The generation loop: the prompt through forward (passes of up to PREFILL_ROWS), then one decode pass per new token.
 
 Each pass returns only the last position's logits (the lm_head is the largest matrix: computing it for
 every prompt position would be wasted), the sampler picks a token, and the token is yielded at once so a
@@ -32,7 +32,7 @@ def generate(model: GPT2, prompt_ids: Sequence[int], max_new_tokens: int, sample
 
 def _decode_loop(model, ids, max_new_tokens, sampler, eos_token_id, tracer) -> Iterator[int]:
     cache = model.cache
-    logits = model._run([(ids, 0, cache)], tracer, all_logits=False)
+    logits = model.forward(ids, 0, tracer=tracer, logits="last", cache=cache)
     pos = ids.size
     for produced in range(1, max_new_tokens + 1):
         token = sampler(logits[-1])
