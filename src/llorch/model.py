@@ -176,11 +176,12 @@ class GPT2:
         ids = self._check_ids(token_ids, start_pos, cache)
         if tracer:   # a trace follows one pass
             return self._run([(ids, start_pos, cache)], tracer, all_logits).copy()
-        out = np.empty((ids.size if all_logits else 1, self.config.vocab_size), dtype=np.float32)
+        parts = []
         for first in range(0, ids.size, PREFILL_ROWS):
             part = self._run([(ids[first:first + PREFILL_ROWS], start_pos + first, cache)], None, all_logits)
-            out[first:first + part.shape[0] if all_logits else 1] = part
-        return out
+            if all_logits or first + PREFILL_ROWS >= ids.size:
+                parts.append(part.copy())
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
         """One new token for each of several sequences at once, each at its cache's next position.
