@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llorch.testing import ModelShape
+from llorch.config import GPT2Config
 
 BANDWIDTH_ARRAY_BYTES = 1 << 30      # far beyond any cache: every byte comes from DRAM
 SGEMM_ROWS = 512                     # the prompt length of the larger prefill measurement
@@ -28,7 +28,7 @@ SGEMM_ROWS = 512                     # the prompt length of the larger prefill m
 @dataclass(frozen=True)
 class TokenCost:
     """Work per token of a GPT-2 shape, FP32 (4 bytes per weight), tied lm_head."""
-    shape: ModelShape
+    shape: GPT2Config
 
     @property
     def params(self) -> int:
@@ -60,7 +60,7 @@ class Machine:
     """The two measurements behind the ceilings. Keeps its 1 GiB array between calls, so each round
     of bench/run.py measures again (bandwidth drifts on shared VMs) without allocating again."""
 
-    def __init__(self, shape: ModelShape, threads: int) -> None:
+    def __init__(self, shape: GPT2Config, threads: int) -> None:
         from threadpoolctl import threadpool_limits
         self.threads = threads
         self._limits = threadpool_limits(threads)        # held for the life of the process

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llorch.testing import SHAPES, ModelShape, make_checkpoint
+from llorch.config import GPT2Config
+from llorch.testing import SHAPES, make_checkpoint
 
 ONNX_OPSET = 18
 ONNX_FILE = "model.onnx"
@@ -38,7 +39,7 @@ class ModelFiles:
     seed: int = 0
 
     @property
-    def shape(self) -> ModelShape:
+    def shape(self) -> GPT2Config:
         return SHAPES[self.model]
 
     @property

@@ -142,6 +142,12 @@ def table(results: dict) -> str:
         notes.append(f"Above 100 % ({', '.join(over)}): the engine's matrix code beat OpenBLAS on these shapes, "
                      f"or other load slowed that round's sgemm more than the engine (OpenBLAS splits it statically "
                      f"between its 2 threads and waits for the slower); see the per-round samples in the JSON.")
+    stalls = {name: [x.get("compaction_stalls") for x in e["samples"]] for name, e in results["engines"].items()
+              if e.get("samples")}
+    if any(v is not None for counts in stalls.values() for v in counts):
+        notes.append("Memory compactions by the kernel while each cold-start process ran, per round (huge pages "
+                     "on a fragmented machine; they slow a cold start): "
+                     + "; ".join(f"{name} {counts}" for name, counts in stalls.items()) + ".")
     notes.append(f"Load average (1 min): {load['before'][0]:.2f} before, "
                  f"{', '.join(f'{x:.2f}' for x in load['rounds'])} at each round, {load['after'][0]:.2f} after "
                  f"({m['cores']} cores).")

@@ -92,8 +92,20 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def cold_start(engine: str, s: Settings, log) -> tuple[float, int]:
-    """(seconds from starting a fresh process to its first token, that process's peak RSS in bytes)."""
+def compaction_stalls() -> int | None:
+    """How many times the kernel has compacted memory on an allocation's behalf (/proc/vmstat compact_stall),
+    e.g. to find transparent huge pages on a fragmented machine; None where that is not known."""
+    try:
+        with open("/proc/vmstat") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("compact_stall ")), None)
+    except OSError:
+        return None
+
+
+def cold_start(engine: str, s: Settings, log) -> tuple[float, int, int | None]:
+    """(seconds from starting a fresh process to its first token, that process's peak RSS in bytes, the
+    memory compactions while it ran)."""
+    stalls = compaction_stalls()
     cmd = [sys.executable, WORKER, "cold", engine, *s.args(), "--prompt", str(s.prompt), "--new", str(s.new),
            "--prefill", str(max(s.prefill))]
     t0 = time.monotonic()
@@ -103,7 +115,8 @@ def cold_start(engine: str, s: Settings, log) -> tuple[float, int]:
     got = {k: v for r in replies for k, v in r.items()}
     if "error" in got or proc.returncode:
         raise RuntimeError(got.get("error", f"cold-start process exited with code {proc.returncode}"))
-    return got["ready"] - t0, got["vmhwm"]
+    after = compaction_stalls()
+    return got["ready"] - t0, got["vmhwm"], None if stalls is None or after is None else after - stalls
 
 
 def check_parity(workers: dict[str, Worker], s: Settings) -> dict:
@@ -138,7 +151,7 @@ def one_round(name: str, w: Worker, s: Settings, log) -> dict:
     sample = {"ttft_ms": 1e3 * t[0], "decode_tok_s": (len(t) - 1) / (t[-1] - t[0])}
     for T in s.prefill:
         sample[f"prefill_{T}_tok_s"] = T / w.call(op="prefill", ids=prompt(T))["seconds"]
-    sample["cold_start_s"], sample["peak_rss_bytes"] = cold_start(name, s, log)
+    sample["cold_start_s"], sample["peak_rss_bytes"], sample["compaction_stalls"] = cold_start(name, s, log)
     return sample
 
 

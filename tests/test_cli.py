@@ -94,16 +94,6 @@ def two_cycle_checkpoint(directory, up: int, down: int) -> str:
     return str(directory)
 
 
-def hf_greedy(path, ids, n):
-    import torch
-    from transformers import GPT2LMHeadModel
-    hf = GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=llorch.EOT_TOKEN,
-                          pad_token_id=llorch.EOT_TOKEN, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
-
-
 # --- the result: --json against model.generate and HF, streaming against --json -------------------------
 
 @pytest.mark.parametrize("shape, n", [("tiny", 24), ("gpt2", 12)])
@@ -113,7 +103,8 @@ def test_json_equals_model_generate_and_hf_greedy(checkpoint, shape, n):
     ids = enc.encode(PROMPT)
     expected = list(llorch.load(path).generate(ids, n, eos_token_id=llorch.EOT_TOKEN))
     assert result["prompt_tokens"] == ids
-    assert result["tokens"] == expected == hf_greedy(path, ids, n)
+    from reference.hf import hf_greedy, load_hf   # torch only for the tests that need it
+    assert result["tokens"] == expected == hf_greedy(load_hf(path), ids, n, llorch.EOT_TOKEN)
     assert result["text"] == enc.decode(expected)
     assert result["stop_reason"] == "max_tokens" and result["model"] == path
     assert set(result["timings"]) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}

@@ -12,23 +12,12 @@ import torch
 import llorch
 from llorch.sampling import Sampler
 from llorch.trace import CHECKPOINTS, Tracer, expected_shape
+from reference.hf import hf_greedy, load_hf
 
 torch.set_num_threads(2)
 enc = llorch.tokenizer()
 PROMPTS = ["Hello.", "Hello, I'm a language model,", "The quick brown fox", "In 1905, Einstein",
            "def fibonacci(n):\n    "]
-
-
-def hf_model(path):
-    from transformers import GPT2LMHeadModel
-    return GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-
-
-def hf_greedy(hf, ids, n):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=llorch.EOT_TOKEN,
-                          pad_token_id=llorch.EOT_TOKEN, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 def hf_logits(hf, ids):
@@ -39,18 +28,18 @@ def hf_logits(hf, ids):
 @pytest.mark.parametrize("shape", ["gpt2", "gpt2-medium"])
 def test_greedy_generation_equals_hf(checkpoint, shape):
     path = checkpoint(shape)
-    model, hf = llorch.load(path), hf_model(path)
+    model, hf = llorch.load(path), load_hf(path)
     for prompt in PROMPTS:
         ids = enc.encode(prompt)
         ours = list(model.generate(ids, 64))
-        assert ours == hf_greedy(hf, ids, 64), prompt
+        assert ours == hf_greedy(hf, ids, 64, llorch.EOT_TOKEN), prompt
 
 
 @pytest.mark.parametrize("shape", ["tiny", "gpt2", "distilgpt2", "odd", "head80"])
 def test_all_logits_match_hf(checkpoint, shape):
     path = checkpoint(shape)
     ids = enc.encode("Hello, I'm a language model, not a")
-    ours, ref = llorch.load(path).forward(ids), hf_logits(hf_model(path), ids)
+    ours, ref = llorch.load(path).forward(ids), hf_logits(load_hf(path), ids)
     assert ours.shape == ref.shape == (len(ids), 50257)
     assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
 
@@ -118,7 +107,7 @@ def test_trace_reports_every_checkpoint_with_the_table_shapes(checkpoint):
 def test_checkpoint_variants_load_like_hf(checkpoint, options):
     path = checkpoint("tiny", **options)
     ids = enc.encode("Hello, I'm a language model,")
-    ours, ref = llorch.load(path).forward(ids), hf_logits(hf_model(path), ids)
+    ours, ref = llorch.load(path).forward(ids), hf_logits(load_hf(path), ids)
     assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
 
 

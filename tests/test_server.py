@@ -23,13 +23,14 @@ import pytest
 
 import llorch
 from llorch.sampling import Sampler
-from llorch.testing import ModelShape, make_checkpoint
+from llorch.config import GPT2Config
+from llorch.testing import make_checkpoint
 
 httpx = pytest.importorskip("httpx")       # the server extra (and the test extra, which includes it)
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-LONG_TINY = ModelShape(n_layer=2, n_embd=64, n_head=4, n_positions=1024)
+LONG_TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=1024)
 START_TIMEOUT_S = 60
 REQUEST_TIMEOUT = httpx.Timeout(60.0)
 enc = llorch.tokenizer()

@@ -28,35 +28,26 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 
-VOCAB_SIZE = 50257
-EOT_TOKEN = 50256
+from .config import GPT2Config
+from .tokenizer import EOT_TOKEN
+
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_positions: int = 1024
-    vocab_size: int = VOCAB_SIZE
-
-
-SHAPES: dict[str, ModelShape] = {
-    "tiny": ModelShape(n_layer=2, n_embd=64, n_head=4, n_positions=128),
-    "gpt2": ModelShape(n_layer=12, n_embd=768, n_head=12),
-    "gpt2-medium": ModelShape(n_layer=24, n_embd=1024, n_head=16),
-    "gpt2-large": ModelShape(n_layer=36, n_embd=1280, n_head=20),
-    "gpt2-xl": ModelShape(n_layer=48, n_embd=1600, n_head=25),
-    "distilgpt2": ModelShape(n_layer=6, n_embd=768, n_head=12),
+SHAPES: dict[str, GPT2Config] = {
+    "tiny": GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128),
+    "gpt2": GPT2Config(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": GPT2Config(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": GPT2Config(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": GPT2Config(n_layer=48, n_embd=1600, n_head=25),
+    "distilgpt2": GPT2Config(n_layer=6, n_embd=768, n_head=12),
     # head_dim 20 (not a multiple of 16) and a width that is not a multiple of 64: exercises SIMD tails
-    "odd": ModelShape(n_layer=3, n_embd=120, n_head=6, n_positions=128),
+    "odd": GPT2Config(n_layer=3, n_embd=120, n_head=6, n_positions=128),
     # head_dim 80, as in gpt2-large
-    "head80": ModelShape(n_layer=2, n_embd=160, n_head=2, n_positions=128),
+    "head80": GPT2Config(n_layer=2, n_embd=160, n_head=2, n_positions=128),
 }
 VARIANTS = ("normal", "outliers", "big_ln")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -67,12 +58,12 @@ _OUTLIER_PAIRS = 2
 _OUTLIER_EMBED_SCALE = 20.0
 
 
-def make_checkpoint(directory: str | os.PathLike, shape: str | ModelShape = "tiny", *, seed: int = 0,
+def make_checkpoint(directory: str | os.PathLike, shape: str | GPT2Config = "tiny", *, seed: int = 0,
                     variant: str = "normal", dtype: str = "float32", prefix: bool = False,
                     lm_head: str = "absent") -> str:
     """Write a random GPT-2 checkpoint directory in Hugging Face's layout; returns its path.
 
-    shape: a name from SHAPES or a ModelShape. variant: "normal", "outliers" or "big_ln".
+    shape: a name from SHAPES or a GPT2Config. variant: "normal", "outliers" or "big_ln".
     dtype: how the weights are stored ("float32", "float16", "bfloat16"); they are drawn in float32 first,
     so the variants of one seed hold the same weights up to rounding. prefix: name the tensors
     "transformer.wte.weight" etc. as GPT2LMHeadModel saves them, instead of "wte.weight" as the hub's gpt2
@@ -100,7 +91,7 @@ def make_checkpoint(directory: str | os.PathLike, shape: str | ModelShape = "tin
     return os.fspath(directory)
 
 
-def hf_config(dims: ModelShape) -> dict:
+def hf_config(dims: GPT2Config) -> dict:
     """config.json as Hugging Face's GPT2Config writes it (n_ctx too: GGUF converters read it)."""
     return {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
@@ -113,7 +104,7 @@ def hf_config(dims: ModelShape) -> dict:
     }
 
 
-def random_weights(dims: ModelShape, *, seed: int = 0, variant: str = "normal") -> dict[str, np.ndarray]:
+def random_weights(dims: GPT2Config, *, seed: int = 0, variant: str = "normal") -> dict[str, np.ndarray]:
     """float32 weights under Hugging Face's names (no prefix), in the order GPT2LMHeadModel saves them."""
     rng = np.random.default_rng(seed)
     C, L = dims.n_embd, dims.n_layer
@@ -149,7 +140,7 @@ def random_weights(dims: ModelShape, *, seed: int = 0, variant: str = "normal") 
     return weights
 
 
-def _add_outlier_dims(weights: dict[str, np.ndarray], dims: ModelShape, rng: np.random.Generator) -> None:
+def _add_outlier_dims(weights: dict[str, np.ndarray], dims: GPT2Config, rng: np.random.Generator) -> None:
     """A few residual dimensions at ~40 after the embedding, growing by ~70 per block (trained GPT-2 shows
     such dimensions). They come in pairs of opposite sign and equal size, so they leave the stream's mean
     alone (a mean in the tens would shift every ordinary dimension in the layer norms' centring). Every

@@ -39,11 +39,23 @@ from llorch.trace import forward_order
 from . import pass_end
 
 
+def load_hf(checkpoint_dir: str) -> GPT2LMHeadModel:
+    """HF's GPT-2 from a checkpoint directory: float32, eager attention, eval mode."""
+    hf_logging.disable_progress_bar()
+    return GPT2LMHeadModel.from_pretrained(checkpoint_dir, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def hf_greedy(model: GPT2LMHeadModel, ids: list[int], n: int, eos_token_id: int) -> list[int]:
+    """`generate(do_sample=False)`: up to n new ids after ids, stopping after eos_token_id."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos_token_id,
+                             pad_token_id=eos_token_id, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
 class HFGPT2:
     def __init__(self, checkpoint_dir: str) -> None:
-        hf_logging.disable_progress_bar()
-        self.model = GPT2LMHeadModel.from_pretrained(checkpoint_dir, attn_implementation="eager",
-                                                     dtype=torch.float32).eval()
+        self.model = load_hf(checkpoint_dir)
         self.config = self.model.config
         self._captured: dict[tuple[str, int | None], torch.Tensor] = {}
         self._hook_modules()
