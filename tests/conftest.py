@@ -9,11 +9,19 @@ Both are keyed by their arguments, so tests that ask for the same checkpoint or 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from llorch.testing import make_checkpoint
 from llorch.trace import Tracer, run_trace
 from reference import DECODE_IDS, PROMPT_IDS, build
+
+
+@pytest.fixture(scope="session", autouse=True)
+def weight_cache_in_a_temporary_directory(tmp_path_factory):
+    """Loads during the tests (subprocesses too) cache their prepared weights here, not in ~/.cache."""
+    os.environ["LLORCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("weight-cache"))
 
 
 def _options_key(options: dict) -> tuple:

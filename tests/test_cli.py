@@ -19,7 +19,8 @@ import pytest
 import llorch
 import llorch.testing
 from llorch.stream import StopStrings, StreamDecoder
-from llorch.testing import SHAPES, hf_config, random_weights, write_safetensors
+from llorch.checkpoint import write_safetensors
+from llorch.testing import SHAPES, hf_config, random_weights
 from llorch.trace import DirectoryTracer, checkpoint_key, forward_order, run_trace
 from reference import build as build_reference
 

@@ -174,16 +174,19 @@ def test_bad_checkpoints_are_refused_with_a_message(checkpoint, tmp_path):
         llorch.load(bad_config)
 
 
-def test_loading_124m_costs_little_more_than_the_weights(checkpoint):
-    """Weights are memory-mapped and the tied lm_head reads wte in place: peak RSS ~ weight bytes."""
+def test_loading_124m_costs_little_more_than_the_weights(checkpoint, tmp_path):
+    """Peak RSS ~ weight bytes, whether the weights are prepared (packed, released from the checkpoint's
+    mapping as they go, then written to the cache) or mapped from the cache by the next load."""
     path = checkpoint("gpt2")
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) pytest parent.
-    script = ("import re, llorch; m = llorch.load(%r); list(m.generate([15496, 13], 8)); "
+    script = ("import re, llorch, llorch.model as M; m = llorch.load(%r); list(m.generate([15496, 13], 8)); "
               "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
-              "print(m.weight_bytes, int(peak) * 1024)" % path)
-    weight_bytes, peak_rss = map(int, subprocess.check_output([sys.executable, "-c", script]).split())
-    assert weight_bytes == 124439808 * 4
-    assert peak_rss <= 1.15 * weight_bytes, f"peak RSS {peak_rss / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
+              "print(m.weight_bytes, int(peak) * 1024, int(M._mapping(m.wte) is not None))" % path)
+    env = {**os.environ, "LLORCH_CACHE_DIR": str(tmp_path)}
+    for from_cache in (0, 1):
+        weight_bytes, peak_rss, mapped = map(int, subprocess.check_output([sys.executable, "-c", script], env=env).split())
+        assert (weight_bytes, mapped) == (124439808 * 4, from_cache)
+        assert peak_rss <= 1.15 * weight_bytes, f"peak RSS {peak_rss / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB"
 
 
 def test_batched_decoding_is_bitwise_what_each_sequence_gets_alone(checkpoint):

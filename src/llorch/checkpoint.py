@@ -25,6 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 is widened by hand
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Buffers some HF exports carry besides the weights (the causal mask); llorch computes the mask itself.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -50,7 +51,8 @@ def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
 class SafetensorsFile:
     """One memory-mapped safetensors file: `header` (name -> entry) and `tensor(name)`."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, populate: bool = False) -> None:
+        """populate: map every page at once (one call, for a file about to be read whole)."""
         self.path = path
         try:
             with open(path, "rb") as f:
@@ -61,7 +63,8 @@ class SafetensorsFile:
                 if header_len > size - 8:
                     raise CheckpointError(f"{path}: header length {header_len} exceeds the file size {size}")
                 header_bytes = f.read(header_len)
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+                self._map = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no such file") from None
         except PermissionError:
@@ -194,3 +197,35 @@ def load_weights(files: list[str], cfg: GPT2Config) -> dict[str, np.ndarray]:
         warnings.warn(f"{files[0]}: ignoring {len(unknown)} tensor(s) that GPT-2 does not use: "
                       f"{', '.join(unknown[:5])}", stacklevel=2)
     return weights
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
+    """Write float32 arrays as a safetensors file, stored as `dtype` (bfloat16: round to nearest even).
+
+    Written by hand rather than with safetensors.numpy because numpy has no bfloat16; the format is an
+    8-byte little-endian header length, a JSON header of dtype/shape/byte offsets, then the raw bytes.
+    """
+    itemsize = 4 if dtype == "float32" else 2
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, values in tensors.items():
+        size = values.size * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(values.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for values in tensors.values():  # one tensor at a time: gpt2-xl need not be copied whole
+            f.write(_encode(np.ascontiguousarray(values, dtype=np.float32), dtype))
+
+
+def _encode(values: np.ndarray, dtype: str) -> bytes | memoryview:
+    if dtype == "bfloat16":
+        bits = values.view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+        return rounded.astype("<u2").tobytes()
+    if dtype == "float32":
+        return memoryview(values.astype("<f4", copy=False)).cast("B")   # no copy of a float32 array
+    return values.astype("<f2").tobytes()

@@ -17,7 +17,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import _kernels as K
-from .checkpoint import load_weights, resolve_weight_files
+from . import weight_cache
+from .checkpoint import expected_shapes, load_weights, resolve_weight_files
 from .config import GPT2Config
 from .tokenizer import EOT_TOKEN
 
@@ -30,6 +31,18 @@ PREFILL_ROWS = 256
 
 class ContextError(ValueError):
     """A request that does not fit the model's context window (n_positions)."""
+
+
+# Block field -> HF tensor name within block i ("h.{i}." + name). The four matrices are kept packed.
+_BLOCK_TENSORS = {
+    "ln_1_w": "ln_1.weight", "ln_1_b": "ln_1.bias",
+    "c_attn_w": "attn.c_attn.weight", "c_attn_b": "attn.c_attn.bias",
+    "attn_proj_w": "attn.c_proj.weight", "attn_proj_b": "attn.c_proj.bias",
+    "ln_2_w": "ln_2.weight", "ln_2_b": "ln_2.bias",
+    "c_fc_w": "mlp.c_fc.weight", "c_fc_b": "mlp.c_fc.bias",
+    "mlp_proj_w": "mlp.c_proj.weight", "mlp_proj_b": "mlp.c_proj.bias",
+}
+_PACKED_FIELDS = ("c_attn_w", "attn_proj_w", "c_fc_w", "mlp_proj_w")
 
 
 @dataclass(frozen=True)
@@ -50,14 +63,21 @@ class Block:
     mlp_proj_b: np.ndarray
 
     @classmethod
-    def from_weights(cls, w: dict[str, np.ndarray], i: int) -> "Block":
-        h = f"h.{i}."
-        return cls(w[h + "ln_1.weight"], w[h + "ln_1.bias"],
-                   _packed(w[h + "attn.c_attn.weight"]), w[h + "attn.c_attn.bias"],
-                   _packed(w[h + "attn.c_proj.weight"]), w[h + "attn.c_proj.bias"],
-                   w[h + "ln_2.weight"], w[h + "ln_2.bias"],
-                   _packed(w[h + "mlp.c_fc.weight"]), w[h + "mlp.c_fc.bias"],
-                   _packed(w[h + "mlp.c_proj.weight"]), w[h + "mlp.c_proj.bias"])
+    def from_weights(cls, w: dict[str, np.ndarray], i: int, prepared: bool) -> "Block":
+        """Block i from a checkpoint's tensors, or from prepared ones (matrices already packed)."""
+        return cls(**{field: w[f"h.{i}.{name}"] if prepared or field not in _PACKED_FIELDS
+                      else _packed(w[f"h.{i}.{name}"]) for field, name in _BLOCK_TENSORS.items()})
+
+    def tensors(self, i: int) -> dict[str, np.ndarray]:
+        """This block's weights under their HF names as block i, the matrices packed."""
+        return {f"h.{i}.{name}": getattr(self, field) for field, name in _BLOCK_TENSORS.items()}
+
+
+def prepared_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """The tensors GPT2.prepared_weights() returns: the checkpoint's, with each block's matrices flat."""
+    packed = tuple(_BLOCK_TENSORS[field] for field in _PACKED_FIELDS)
+    return {name: (int(np.prod(shape)),) if name.startswith("h.") and name.endswith(packed) else shape
+            for name, shape in expected_shapes(config).items()}
 
 
 def _packed(weight: np.ndarray) -> np.ndarray:
@@ -143,12 +163,14 @@ class KVCache:
 
 
 class GPT2:
-    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], name: str = "gpt2") -> None:
+    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], name: str = "gpt2",
+                 prepared: bool = False) -> None:
+        """weights: a checkpoint's tensors by HF name, or (prepared) those of prepared_weights()."""
         self.config = config
         self.name = name
-        self.wte = _copied(weights["wte.weight"])   # [V, C], also the lm_head
+        self.wte = weights["wte.weight"] if prepared else _copied(weights["wte.weight"])  # [V, C], also the lm_head
         self.wpe = weights["wpe.weight"]   # [n_positions, C]
-        self.blocks = [Block.from_weights(weights, i) for i in range(config.n_layer)]
+        self.blocks = [Block.from_weights(weights, i, prepared) for i in range(config.n_layer)]
         self.ln_f_w, self.ln_f_b = weights["ln_f.weight"], weights["ln_f.bias"]
         self.cache = KVCache(config)       # the sequence of forward() and generate()
         self._ws = Workspace()
@@ -158,6 +180,14 @@ class GPT2:
         arrays = [self.wte, self.wpe, self.ln_f_w, self.ln_f_b]
         arrays += [a for b in self.blocks for a in vars(b).values()]
         return sum(a.nbytes for a in arrays)
+
+    def prepared_weights(self) -> dict[str, np.ndarray]:
+        """Every weight as this model holds it, by HF name (what llorch.weight_cache stores)."""
+        tensors = {"wte.weight": self.wte, "wpe.weight": self.wpe}
+        for i, block in enumerate(self.blocks):
+            tensors.update(block.tensors(i))
+        tensors.update({"ln_f.weight": self.ln_f_w, "ln_f.bias": self.ln_f_b})
+        return tensors
 
     def new_cache(self) -> KVCache:
         """An empty cache for another sequence (forward(..., cache=) and decode_batch)."""
@@ -292,9 +322,19 @@ class GPT2:
 
 def load(path: str | os.PathLike) -> GPT2:
     """A GPT-2 from a Hugging Face directory (config.json + model.safetensors) or a .safetensors file
-    with its config.json beside it. Raises CheckpointError with a message naming what is wrong."""
+    with its config.json beside it. Raises CheckpointError with a message naming what is wrong.
+
+    The prepared weights are cached on disk (llorch.weight_cache): a later load of the same files maps
+    them instead of preparing them again."""
     path = os.fspath(path)
     config_path, files = resolve_weight_files(path)
     config = GPT2Config.from_json(config_path)
     name = os.path.basename(os.path.normpath(os.path.dirname(config_path))) or path
-    return GPT2(config, load_weights(files, config), name=name)
+    cached = weight_cache.cache_file(config_path, files)
+    prepared = weight_cache.read(cached, prepared_shapes(config)) if cached else None
+    if prepared is not None:
+        return GPT2(config, prepared, name=name, prepared=True)
+    model = GPT2(config, load_weights(files, config), name=name)
+    if cached:
+        weight_cache.write(cached, model.prepared_weights())
+    return model

@@ -27,10 +27,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 
 import numpy as np
 
+from .checkpoint import write_safetensors
 from .config import GPT2Config
 from .tokenizer import EOT_TOKEN
 
@@ -53,7 +53,6 @@ VARIANTS = ("normal", "outliers", "big_ln")
 DTYPES = ("float32", "float16", "bfloat16")
 LM_HEAD_MODES = ("absent", "present")
 
-_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _OUTLIER_PAIRS = 2
 _OUTLIER_EMBED_SCALE = 20.0
 
@@ -179,36 +178,6 @@ def _rescale_layer_norm(gain: np.ndarray, outliers: np.ndarray, outlier_values: 
     ordinary[outliers] = False
     gain[ordinary] *= stream_std / normal_std
     gain[outliers] = rng.uniform(1, 3, outliers.size) * stream_std / np.abs(outlier_values)
-
-
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
-    """Write float32 arrays as a safetensors file, stored as `dtype` (bfloat16: round to nearest even).
-
-    Written by hand rather than with safetensors.numpy because numpy has no bfloat16; the format is an
-    8-byte little-endian header length, a JSON header of dtype/shape/byte offsets, then the raw bytes.
-    """
-    itemsize = 4 if dtype == "float32" else 2
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, values in tensors.items():
-        size = values.size * itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(values.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for values in tensors.values():  # one tensor at a time: gpt2-xl need not be copied whole
-            f.write(_encode(np.ascontiguousarray(values, dtype=np.float32), dtype))
-
-
-def _encode(values: np.ndarray, dtype: str) -> bytes:
-    if dtype == "bfloat16":
-        bits = values.view(np.uint32)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
-        return rounded.astype("<u2").tobytes()
-    return values.astype("<f4" if dtype == "float32" else "<f2").tobytes()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,87 @@
+"""llorch.weight_cache: a later load maps the prepared weights the first one wrote, and never stale ones."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import llorch
+import llorch.model
+from llorch.testing import make_checkpoint
+
+PROMPT = [15496, 11, 314, 1101, 257]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("LLORCH_CACHE_DIR", str(directory))
+    return directory
+
+
+def cached_files(directory) -> list[str]:
+    return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+def logits(model) -> np.ndarray:
+    return model.forward(PROMPT, logits="all")
+
+
+def test_a_second_load_maps_the_cache_and_computes_the_same_bits(checkpoint, cache_dir):
+    path = checkpoint("odd")
+    first = llorch.load(path)
+    assert llorch.model._mapping(first.wte) is None         # prepared in this process's memory
+    assert [f.endswith(".safetensors") for f in cached_files(cache_dir)] == [True]
+    second = llorch.load(path)
+    assert llorch.model._mapping(second.wte) is not None    # mapped from the cache file
+    np.testing.assert_array_equal(logits(second), logits(first))
+    assert len(cached_files(cache_dir)) == 1
+
+
+def test_a_rewritten_checkpoint_is_never_served_from_the_cache(tmp_path, cache_dir):
+    path = make_checkpoint(tmp_path / "model", "tiny", seed=1)
+    before = logits(llorch.load(path))
+    make_checkpoint(tmp_path / "model", "tiny", seed=2)      # same names, shapes and size; new values
+    after = llorch.load(path)
+    assert llorch.model._mapping(after.wte) is None
+    assert not np.array_equal(logits(after), before)
+    np.testing.assert_array_equal(logits(llorch.load(path)), logits(after))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong shapes"])
+def test_a_damaged_cache_file_is_replaced(tmp_path, cache_dir, damage):
+    path = make_checkpoint(tmp_path / "model", "tiny", seed=3)
+    want = logits(llorch.load(path))
+    [name] = cached_files(cache_dir)
+    cached = cache_dir / name
+    if damage == "truncate":
+        os.truncate(cached, cached.stat().st_size // 2)
+    elif damage == "garbage":
+        cached.write_bytes(b"\xff" * 64)
+    else:   # a well-formed file of other tensors: another model's cache under this name
+        llorch.load(make_checkpoint(tmp_path / "other", "odd", seed=3))
+        [other] = [f for f in cached_files(cache_dir) if f != name]
+        os.replace(cache_dir / other, cached)
+    reloaded = llorch.load(path)
+    assert llorch.model._mapping(reloaded.wte) is None       # prepared again ...
+    np.testing.assert_array_equal(logits(reloaded), want)
+    assert llorch.model._mapping(llorch.load(path).wte) is not None   # ... and cached again
+
+
+def test_caching_off_writes_nothing(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLORCH_CACHE_DIR", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = llorch.load(checkpoint("tiny"))
+    assert llorch.model._mapping(model.wte) is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_cache_directory_only_means_no_cache(checkpoint, tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("LLORCH_CACHE_DIR", str(blocked / "cache"))
+    want = logits(llorch.load(checkpoint("tiny")))
+    np.testing.assert_array_equal(logits(llorch.load(checkpoint("tiny"))), want)
+    assert blocked.read_text() == "not a directory"
