@@ -37,6 +37,10 @@ from engines import ENGINES, missing, prompt, versions  # noqa: E402
 WORKER = os.path.join(BENCH, "worker.py")
 REFERENCES = ("hf", "llorch")     # every engine's logits and greedy tokens are compared with these
 LOGIT_TOL = 1e-3                  # max |logit difference| / max |reference logit| for a conversion to pass
+# Pause before each unit of a round. Thread pools spin for a while after their last call (OpenBLAS after the
+# ceiling measurement, ORT, OpenMP); timed without a pause, the next engine shared the cores with them: llorch's
+# TTFT right after the machine measurement was 47-56 ms in 4 rounds, 35 ms in the round where it came first.
+SETTLE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,7 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
         round_machine, round_engines = None, {}
         for name in order:
+            time.sleep(SETTLE_S)
             if name == "machine":
                 round_machine = machine.call(op="measure")
             elif name in workers and status[name] == "ok":
