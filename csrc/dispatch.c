@@ -94,6 +94,10 @@ void ll_attention(float* out, float* scores, float* probs, const float* qkv,
                   int T, int C, int NH, int start_pos, int maxT) {
     active()->attention(out, scores, probs, qkv, k_cache, v_cache, T, C, NH, start_pos, maxT);
 }
+void ll_decode_attention(float* out, const float* qkv, float* const* k_caches, float* const* v_caches,
+                         const int* pos, int B, int C, int NH, int maxT) {
+    active()->decode_attention(out, qkv, k_caches, v_caches, pos, B, C, NH, maxT);
+}
 void ll_lm_head(float* logits, const float* inp, const float* wte, int T, int C, int V) {
     active()->lm_head(logits, inp, wte, T, C, V);
 }

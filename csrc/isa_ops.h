@@ -13,6 +13,7 @@
 #include "ops/residual.c"
 #include "ops/kv_write.c"
 #include "ops/attention.c"
+#include "ops/decode_attention.c"
 #include "ops/lm_head.c"
 #include "ops/argmax.c"
 
@@ -27,6 +28,7 @@ const ll_kernels LL_CAT(ll_kernels, LL_ISA) = {
     .residual = LL_FN(residual),
     .kv_write = LL_FN(kv_write),
     .attention = LL_FN(attention),
+    .decode_attention = LL_FN(decode_attention),
     .lm_head = LL_FN(lm_head),
     .argmax = LL_FN(argmax),
 };

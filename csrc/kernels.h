@@ -27,6 +27,7 @@ typedef struct {
     void (*kv_write)(float*, float*, const float*, int, int, int, int, int);
     void (*attention)(float*, float*, float*, const float*, const float*, const float*,
                       int, int, int, int, int);
+    void (*decode_attention)(float*, const float*, float* const*, float* const*, const int*, int, int, int, int);
     void (*lm_head)(float*, const float*, const float*, int, int, int);
     int (*argmax)(const float*, int);
 } ll_kernels;

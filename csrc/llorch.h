@@ -52,6 +52,12 @@ void ll_attention(float* out, float* scores, float* probs, const float* qkv,
                   const float* k_cache, const float* v_cache,
                   int T, int C, int NH, int start_pos, int maxT);
 
+/* One decode step of B sequences with caches of their own: row b of qkv [B, 3C] is sequence b's token at
+ * position pos[b]; as ll_kv_write + ll_attention of a one-token pass into k_caches[b], v_caches[b]
+ * [NH, maxT, HS] (bitwise the same out row), for every b in one call. out [B, C]. */
+void ll_decode_attention(float* out, const float* qkv, float* const* k_caches, float* const* v_caches,
+                         const int* pos, int B, int C, int NH, int maxT);
+
 /* logits[T, V] = inp[T, C] @ wte[V, C]^T   (the tied lm_head: wte is read in place) */
 void ll_lm_head(float* logits, const float* inp, const float* wte, int T, int C, int V);
 

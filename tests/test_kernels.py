@@ -450,6 +450,38 @@ def test_attention_prefill_equals_decode(simd):
         assert_bitwise(step_probs[:, 0], probs[:, t, :t + 1], f"attention probs, token {t}")
 
 
+@pytest.mark.parametrize("NH, HS", [(12, 64), (6, 20), (2, 80), (3, 7)])
+def test_decode_attention_is_each_rows_kv_write_and_attention(simd, NH, HS):
+    """One call for B sequences at their own positions: bitwise each sequence's one-token pass alone."""
+    rng = np.random.default_rng(NH * HS)
+    C, maxT, positions = NH * HS, 40, [0, 7, 39, 12, 3]
+    alone_caches = [filled_cache(rng, NH, maxT, HS, p) for p in positions]
+    batch_caches = [(k.copy(), v.copy()) for k, v in alone_caches]
+    qkv, out = randn(rng, len(positions), 3 * C), empty(len(positions), C)
+    K.decode_attention(out, qkv, [k for k, _ in batch_caches], [v for _, v in batch_caches], positions)
+    for b, ((k, v), p) in enumerate(zip(alone_caches, positions)):
+        alone = empty(1, C)
+        K.kv_write(k, v, qkv[b:b + 1], p)
+        K.attention(alone, None, qkv[b:b + 1], k, v, p)
+        assert_bitwise(out[b], alone[0], f"row {b} at position {p}")
+        assert_bitwise(batch_caches[b][0], k, f"k cache of row {b}")
+        assert_bitwise(batch_caches[b][1], v, f"v cache of row {b}")
+
+
+def test_decode_attention_refuses_bad_arguments():
+    NH, HS, maxT = 2, 4, 8
+    caches = [np.zeros((NH, maxT, HS), F32) for _ in range(4)]
+    qkv, out = np.zeros((2, 3 * NH * HS), F32), np.zeros((2, NH * HS), F32)
+    with pytest.raises(ValueError, match="one per row"):
+        K.decode_attention(out, qkv, caches[:1], caches[1:2], [0, 1])
+    with pytest.raises(ValueError, match=r"k_caches\[1\]: must not overlap k_caches\[0\]"):
+        K.decode_attention(out, qkv, [caches[0], caches[0]], caches[2:4], [0, 1])
+    with pytest.raises(ValueError, match="exceed the cache"):
+        K.decode_attention(out, qkv, caches[:2], caches[2:4], [0, maxT])
+    with pytest.raises(ValueError, match="out"):
+        K.decode_attention(out[:1], qkv, caches[:2], caches[2:4], [0, 1])
+
+
 # ---- argmax ----
 
 @pytest.mark.parametrize("values, want", [

@@ -23,7 +23,7 @@
 #define LP_NV (LL_PANEL / LL_VLEN)  /* vectors per panel row */
 #define LP_KC 256                /* GEMM: channels per block; a panel block is 64 KB (L2) */
 #define LP_GEMM_T 2
-#define LP_AHEAD 16             /* GEMM: channels (16 x 256 B) between the row read and the row fetched */
+#define LP_AHEAD 64             /* GEMM: channels (16 KB of a panel) between the row read and the row fetched */
 
 /* Rows of weight are read in order (one pass over the mapped file, split over threads by rows); each
  * row's columns go to their panels. */

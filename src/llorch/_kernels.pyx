@@ -6,6 +6,7 @@ ValueError naming the argument, never a read of the wrong memory. Shapes use the
 """
 
 import numpy as np
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t
 
 
@@ -27,6 +28,8 @@ cdef extern from "llorch.h" nogil:
     void ll_attention(float* out, float* scores, float* probs, const float* qkv,
                       const float* k_cache, const float* v_cache,
                       int T, int C, int NH, int start_pos, int maxT)
+    void ll_decode_attention(float* out, const float* qkv, float** k_caches, float** v_caches,
+                             const int* pos, int B, int C, int NH, int maxT)
     void ll_lm_head(float* logits, const float* inp, const float* wte, int T, int C, int V)
     int ll_argmax(const float* x, int N)
     int ll_select_simd(const char* name)
@@ -94,6 +97,16 @@ cdef _distinct(out, str name, inputs):
         ohi = olo + cnp.PyArray_NBYTES(<cnp.ndarray>other)
         if lo < ohi and olo < hi and olo != ohi:
             raise ValueError(f"{name}: must not overlap {other_name}")
+
+
+cdef _disjoint(named):
+    """No two of these (array, name) pairs overlap in memory (C-contiguous arrays, as _distinct): sorted by
+    address, each must start at or after the end of the one before."""
+    spans = sorted((<size_t>cnp.PyArray_DATA(<cnp.ndarray>a), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>a), name)
+                   for a, name in named if cnp.PyArray_NBYTES(<cnp.ndarray>a))
+    for (lo, size, name), (next_lo, _, next_name) in zip(spans, spans[1:]):
+        if next_lo < lo + size:
+            raise ValueError(f"{next_name}: must not overlap {name}")
 
 
 cdef inline const float* _cptr(a):
@@ -276,6 +289,41 @@ def attention(out, probs, qkv, k_cache, v_cache, int start_pos, scores=None):
     cdef const float* vc = _cptr(v_cache)
     with nogil:
         ll_attention(o, sc, p, x, kc, vc, T, C, NH, start_pos, maxT)
+
+
+def decode_attention(out, qkv, k_caches, v_caches, positions):
+    """One decode step of B sequences: row b of qkv [B, 3C] is sequence b's token at positions[b]; its k, v
+    go into k_caches[b], v_caches[b] [NH, maxT, HS] and row b of out [B, C] is its attention, bitwise as
+    kv_write + attention of a one-token pass."""
+    cdef int B = len(k_caches)
+    if B == 0 or len(v_caches) != B or len(positions) != B:
+        raise ValueError(f"k_caches, v_caches, positions: expected one per row of qkv (at least one), got "
+                         f"{len(k_caches)}, {len(v_caches)}, {len(positions)}")
+    _array(qkv, "qkv", np.float32, (B, None))
+    cdef int T, C, NH, maxT, b
+    for b in range(B):
+        _check_cache(qkv[b:b + 1], k_caches[b], v_caches[b], positions[b], &T, &C, &NH, &maxT)
+        if k_caches[b].shape != k_caches[0].shape:
+            raise ValueError(f"k_caches[{b}]: expected the shape of k_caches[0], {k_caches[0].shape}, "
+                             f"got {k_caches[b].shape}")
+    _array(out, "out", np.float32, (B, C), True)
+    _disjoint([(out, "out"), (qkv, "qkv")] + [(k_caches[b], f"k_caches[{b}]") for b in range(B)]
+              + [(v_caches[b], f"v_caches[{b}]") for b in range(B)])
+    cdef float** kc = <float**>PyMem_Malloc(B * sizeof(float*))
+    cdef float** vc = <float**>PyMem_Malloc(B * sizeof(float*))
+    cdef int* pos = <int*>PyMem_Malloc(B * sizeof(int))
+    if not kc or not vc or not pos:
+        PyMem_Free(kc); PyMem_Free(vc); PyMem_Free(pos)
+        raise MemoryError()
+    for b in range(B):
+        kc[b], vc[b], pos[b] = _ptr(k_caches[b]), _ptr(v_caches[b]), positions[b]
+    cdef float* o = _ptr(out)
+    cdef const float* x = _cptr(qkv)
+    try:
+        with nogil:
+            ll_decode_attention(o, x, kc, vc, pos, B, C, NH, maxT)
+    finally:
+        PyMem_Free(kc); PyMem_Free(vc); PyMem_Free(pos)
 
 
 def lm_head(logits, inp, wte):

@@ -270,6 +270,10 @@ class GPT2:
             assert len(segments) == 1, "a trace follows one sequence"
             tracer.start_forward(segments[0][1], T)
 
+        # Decode steps (one new token per sequence, untraced) run every sequence's attention in one call.
+        one_row_each = tracer is None and T == len(segments)
+        caches = [cache for _, _, cache in segments]
+        positions = [start_pos for _, start_pos, _ in segments]
         for (ids, start_pos, _), r in zip(segments, rows):
             K.embed(x[r], ids, self.wte, self.wpe, start_pos)
         if trace: trace("embed", None, x)
@@ -278,15 +282,18 @@ class GPT2:
             if trace: trace("ln_1", i, ln)
             K.linear_packed(qkv, ln, b.c_attn_w, b.c_attn_b)
             if trace: trace("attn.qkv", i, qkv)
-            for (ids, start_pos, cache), r in zip(segments, rows):
-                S = start_pos + ids.size
-                # softmax weights and scores are checkpoints, kept only for a tracer
-                probs = ws.get("probs", (NH, ids.size, S)) if tracer else None
-                scores = ws.get("scores", (NH, ids.size, S)) if tracer else None
-                K.kv_write(cache.k[i], cache.v[i], qkv[r], start_pos)
-                if trace: trace("attn.k_cache", i, cache.k[i, :, :S]); trace("attn.v_cache", i, cache.v[i, :, :S])
-                K.attention(y[r], probs, qkv[r], cache.k[i], cache.v[i], start_pos, scores)
-                if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
+            if one_row_each:
+                K.decode_attention(y, qkv, [c.k[i] for c in caches], [c.v[i] for c in caches], positions)
+            else:
+                for (ids, start_pos, cache), r in zip(segments, rows):
+                    S = start_pos + ids.size
+                    # softmax weights and scores are checkpoints, kept only for a tracer
+                    probs = ws.get("probs", (NH, ids.size, S)) if tracer else None
+                    scores = ws.get("scores", (NH, ids.size, S)) if tracer else None
+                    K.kv_write(cache.k[i], cache.v[i], qkv[r], start_pos)
+                    if trace: trace("attn.k_cache", i, cache.k[i, :, :S]); trace("attn.v_cache", i, cache.v[i, :, :S])
+                    K.attention(y[r], probs, qkv[r], cache.k[i], cache.v[i], start_pos, scores)
+                    if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
             K.linear_packed(proj, y, b.attn_proj_w, b.attn_proj_b)
             if trace: trace("attn.proj", i, proj)
             K.residual(x, x, proj)
