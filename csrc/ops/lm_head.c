@@ -4,19 +4,20 @@
  *
  * A register tile of LMH_MR rows x LMH_NR vocabulary rows shares each load. At T = 1 (decode) it streams
  * wte, LMH_NR rows side by side, the next LMH_NR prefetched in line order; for a batch of decode rows each
- * wte vector loaded serves LMH_MR of them. Against one sequential stream with 8 accumulators per logit
- * (measured paired, 2 threads): 8 rows 11.3 -> 6.1 ms, 2 rows 4.9 -> 4.4 ms, 1 row ~2 % slower (a decode
- * step ~4 %). Threads take whole tiles of LMH_TILE vocabulary rows, which stay in L2 while LMH_TC rows of
- * inp pass over them. Every logit's chain depends on C alone, so a row's logits are bitwise the same at any
- * T, tiling or thread count. */
+ * wte vector loaded serves up to LMH_MR of them. Against one sequential stream with 8 accumulators per
+ * logit (kernel alone, paired, 2 threads, 124M): 1 row 4.4 -> 4.4 ms, 2 rows 5.8 -> 4.9, 8 rows 12.1 -> 5.4.
+ * (6 vocabulary rows side by side cost a decode step ~4 %; 2 rows gave the 8-row batch less.) Threads take
+ * whole tiles of LMH_TILE vocabulary rows, which stay in L2 while LMH_TC rows of inp pass over them.
+ * Every logit's chain depends on C alone, so a row's logits are bitwise the same at any T, tiling or
+ * thread count. */
 #if LL_VBYTES >= 64
-#define LMH_MR 4                 /* 4 x 6 accumulators + 6 wte vectors + 1 inp vector of 32 zmm */
-#define LMH_NR 6
+#define LMH_MR 8                 /* 8 x 3 accumulators + 3 wte vectors + 1 inp vector of 32 zmm */
+#define LMH_NR 3
 #else
 #define LMH_MR 2                 /* 2 x 4 accumulators + 4 + 1 of 16 ymm / xmm */
 #define LMH_NR 4
 #endif
-#define LMH_TILE (LMH_NR * 40)   /* 720 KB of wte at C = 768 (AVX-512) */
+#define LMH_TILE (LMH_NR * 80)   /* 720 KB of wte at C = 768 (AVX-512) */
 #define LMH_TC 32
 
 /* logits[r, n] (row stride ldl) = dot(x[r], w[n]) for R rows of x and N rows of w, each C floats long. */
@@ -66,6 +67,9 @@ static void LL_FN(lm_head)(float* logits, const float* inp, const float* wte, in
                     LMH_CASE(1)
 #if LMH_MR > 2
                     LMH_CASE(2) LMH_CASE(3)
+#endif
+#if LMH_MR > 4
+                    LMH_CASE(4) LMH_CASE(5) LMH_CASE(6) LMH_CASE(7)
 #endif
 #undef LMH_CASE
                     default: break;
