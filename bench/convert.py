@@ -164,7 +164,7 @@ def export_onnx(checkpoint: str, out_dir: str) -> str:
     P = torch.export.Dim("P", min=0, max=cfg.n_positions)
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):   # its progress lines: not the table's stdout
         program = torch.onnx.export(
-            WithPast(), (ids, past), dynamo=True, opset_version=ONNX_OPSET,
+            WithPast().eval(), (ids, past), dynamo=True, opset_version=ONNX_OPSET,
             dynamic_shapes=({1: T}, [{2: P}] * (2 * L)),
             input_names=["input_ids"] + [f"past_{i}" for i in range(2 * L)],
             output_names=["logits"] + [f"present_{i}" for i in range(2 * L)])
