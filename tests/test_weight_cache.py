@@ -48,6 +48,7 @@ def test_a_rewritten_checkpoint_is_never_served_from_the_cache(tmp_path, cache_d
     assert llorch.model._mapping(after.wte) is None
     assert not np.array_equal(logits(after), before)
     np.testing.assert_array_equal(logits(llorch.load(path)), logits(after))
+    assert len(cached_files(cache_dir)) == 1      # the earlier version's file is gone
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong shapes"])

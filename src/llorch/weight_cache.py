@@ -10,7 +10,9 @@ flattened in the packed layout. Where: $LLORCH_CACHE_DIR, else $XDG_CACHE_HOME/l
 ~/.cache/llorch; LLORCH_CACHE_DIR=off turns it off. A file's name is a hash of what it was made from
 (each weight file's real path, size, inode, modification and change times, config.json's bytes, the layout
 version), so a changed checkpoint gets a new file; only a file rewritten in place to the same size within
-one tick of the file system's clock could go unnoticed. Files are written under a temporary name
+one tick of the file system's clock could go unnoticed. The name starts with a hash of the files' paths
+alone: writing a checkpoint's new cache file removes the one of its earlier version, so the cache holds
+one file per checkpoint location. Files are written under a temporary name
 and renamed; a cache that cannot be written only means the next load prepares the weights again.
 """
 
@@ -42,16 +44,17 @@ def cache_file(config_path: str, weight_files: list[str]) -> str | None:
     directory = cache_dir()
     if directory is None:
         return None
-    key = hashlib.sha256(f"llorch prepared weights, layout {LAYOUT_VERSION}\n".encode())
+    place = hashlib.sha256("\n".join(os.path.realpath(p) for p in [config_path, *weight_files]).encode())
+    state = hashlib.sha256(f"llorch prepared weights, layout {LAYOUT_VERSION}\n".encode())
     try:
         with open(config_path, "rb") as f:
-            key.update(f.read())
+            state.update(f.read())
         for path in weight_files:
             st = os.stat(path)
-            key.update(f"\n{os.path.realpath(path)} {st.st_size} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}".encode())
+            state.update(f"\n{os.path.realpath(path)} {st.st_size} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}".encode())
     except OSError:   # the load itself reports a missing or unreadable file
         return None
-    return os.path.join(directory, key.hexdigest()[:32] + ".safetensors")
+    return os.path.join(directory, f"{place.hexdigest()[:16]}-{state.hexdigest()[:16]}.safetensors")
 
 
 def read(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
@@ -82,7 +85,17 @@ def write(path: str, tensors: dict[str, np.ndarray]) -> None:
         write_safetensors(temporary, tensors)
         os.replace(temporary, path)
     except OSError:
-        try:
-            os.remove(temporary)
-        except OSError:
-            pass
+        _remove(temporary)
+        return
+    # Earlier versions of the same checkpoint (same place, other state) will never be read again.
+    place, name = os.path.basename(path).split("-")[0], os.path.basename(path)
+    for other in os.listdir(directory):
+        if other.startswith(place + "-") and other.endswith(".safetensors") and other != name:
+            _remove(os.path.join(directory, other))
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
