@@ -119,6 +119,17 @@ static inline __attribute__((always_inline)) void LL_FN(att_probs)(
     for (; s < S; s++) p[s] = 0.0f;
 }
 
+/* att_probs with NQ made a constant for the head sizes of GPT-2 (64) on AVX-512 and AVX2, so that the
+ * compiler unrolls them; any other head size takes the general loop. */
+static inline void LL_FN(att_probs_row)(int NQ, float* p, float* sc, const float* q, const float* k, int HS,
+                                        int last, int S, float scale) {
+    switch (NQ) {
+        case 4: LL_FN(att_probs)(4, p, sc, q, k, HS, last, S, scale); break;
+        case 8: LL_FN(att_probs)(8, p, sc, q, k, HS, last, S, scale); break;
+        default: LL_FN(att_probs)(NQ, p, sc, q, k, HS, last, S, scale);
+    }
+}
+
 #if LL_VBYTES >= 64
 #define ATT_PV_NV 4      /* 4 rows x 4 vectors: 16 accumulators */
 #else
@@ -187,11 +198,7 @@ static void LL_FN(attention)(float* out, float* scores, float* probs, const floa
             for (int r = 0; r < R; r++) {
                 const float* q = qkv + (size_t)(t0 + r) * 3 * C + h * HS;
                 float* sc = scores ? scores + ((size_t)h * T + t0 + r) * S : NULL;
-                switch (NQ) {    /* the head sizes of GPT-2 (64) on AVX-512 and AVX2, unrolled */
-                    case 4: LL_FN(att_probs)(4, p + (size_t)r * S, sc, q, k, HS, start_pos + t0 + r, S, scale); break;
-                    case 8: LL_FN(att_probs)(8, p + (size_t)r * S, sc, q, k, HS, start_pos + t0 + r, S, scale); break;
-                    default: LL_FN(att_probs)(NQ, p + (size_t)r * S, sc, q, k, HS, start_pos + t0 + r, S, scale);
-                }
+                LL_FN(att_probs_row)(NQ, p + (size_t)r * S, sc, q, k, HS, start_pos + t0 + r, S, scale);
             }
             float* o = out + (size_t)t0 * C + h * HS;
             const float* v = v_cache + (size_t)h * maxT * HS;

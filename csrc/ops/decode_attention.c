@@ -2,8 +2,8 @@
  * for all of them in one parallel region.
  * qkv [B, 3C]: row b is sequence b's new token, at position pos[b]; its k and v go into k_caches[b],
  * v_caches[b] [NH, maxT, HS] at pos[b], and out [B, C] row b = its attention over positions 0..pos[b].
- * Each (row, head) runs the very functions attention.c runs for a one-token pass (att_probs, att_pv_rows
- * with one row), so a row gets bitwise what its sequence gets alone; (row, head) pairs are split over
+ * Each (row, head) runs the very functions attention.c runs for a one-token pass (att_probs_row,
+ * att_pv_rows with one row), so a row gets bitwise what its sequence gets alone; (row, head) pairs are split over
  * threads, each with a row of softmax scratch. Why: decode_batch would otherwise make 2 B calls per layer. */
 static void LL_FN(decode_attention)(float* out, const float* qkv, float* const* k_caches, float* const* v_caches,
                                     const int* pos, int B, int C, int NH, int maxT) {
@@ -25,11 +25,7 @@ static void LL_FN(decode_attention)(float* out, const float* qkv, float* const* 
             memcpy(k + (size_t)last * HS, row + C + h * HS, HS * sizeof(float));
             memcpy(v + (size_t)last * HS, row + 2 * C + h * HS, HS * sizeof(float));
             const float* q = row + h * HS;
-            switch (NQ) {    /* as in attention.c */
-                case 4: LL_FN(att_probs)(4, p, NULL, q, k, HS, last, last + 1, scale); break;
-                case 8: LL_FN(att_probs)(8, p, NULL, q, k, HS, last, last + 1, scale); break;
-                default: LL_FN(att_probs)(NQ, p, NULL, q, k, HS, last, last + 1, scale);
-            }
+            LL_FN(att_probs_row)(NQ, p, NULL, q, k, HS, last, last + 1, scale);
             LL_FN(att_pv_rows)(1, out + (size_t)b * C + h * HS, C, p, last + 1, v, last + 1, HS);
         }
     }
