@@ -22,7 +22,6 @@
 #endif
 #define LP_NV (LL_PANEL / LL_VLEN)  /* vectors per panel row */
 #define LP_KC 256                /* GEMM: channels per block; a panel block is 64 KB (L2) */
-#define LP_GEMM_T 2
 #define LP_AHEAD 64             /* GEMM: channels (16 KB of a panel) between the row read and the row fetched */
 
 /* Rows of weight are read in order (one pass over the mapped file, split over threads by rows); each
@@ -59,7 +58,7 @@ static void LL_FN(linear_packed_tail)(float* out, const float* inp, const float*
     }
 }
 
-/* ---- GEMV (T < LP_GEMM_T): NP full panels side by side for one row x, accumulators in registers ---- */
+/* ---- GEMV (T = 1, decode): NP full panels side by side for the row x, accumulators in registers ---- */
 
 static inline __attribute__((always_inline)) void LL_FN(gemv_panels)(
         int NP, float* out, const float* x, const float* panel, const float* bias, int C) {
@@ -78,10 +77,10 @@ static inline __attribute__((always_inline)) void LL_FN(gemv_panels)(
         for (int v = 0; v < LP_NV; v++) vstore(out + q * LL_PANEL + v * LL_VLEN, acc[q][v]);
 }
 
-static void LL_FN(linear_packed_gemv)(float* out, const float* inp, const float* packed, const float* bias,
-                                      int T, int C, int OC) {
+static void LL_FN(linear_packed_gemv)(float* out, const float* x, const float* packed, const float* bias,
+                                      int C, int OC) {
     const int full = OC / LL_PANEL;
-    #pragma omp parallel if ((size_t)C * OC * T >= 32768)
+    #pragma omp parallel if ((size_t)C * OC >= 32768)
     {
         int lo, hi;
         ll_share((full + LP_PANELS - 1) / LP_PANELS, &lo, &hi);   /* in groups of LP_PANELS panels */
@@ -91,18 +90,16 @@ static void LL_FN(linear_packed_gemv)(float* out, const float* inp, const float*
             const int np = hi - p < LP_PANELS ? hi - p : LP_PANELS;
             const float* panel = packed + (size_t)p * LL_PANEL * C;
             const float* b = bias ? bias + p * LL_PANEL : NULL;
-            for (int t = 0; t < T; t++) {   /* rows after the first find these panels in L2 */
-                float* o = out + (size_t)t * OC + p * LL_PANEL;
-                if (np == LP_PANELS) LL_FN(gemv_panels)(LP_PANELS, o, inp + (size_t)t * C, panel, b, C);
-                else for (int q = 0; q < np; q++)
-                    LL_FN(gemv_panels)(1, o + q * LL_PANEL, inp + (size_t)t * C, panel + (size_t)q * LL_PANEL * C,
-                                       b ? b + q * LL_PANEL : NULL, C);
-            }
+            float* o = out + p * LL_PANEL;
+            if (np == LP_PANELS) LL_FN(gemv_panels)(LP_PANELS, o, x, panel, b, C);
+            else for (int q = 0; q < np; q++)
+                LL_FN(gemv_panels)(1, o + q * LL_PANEL, x, panel + (size_t)q * LL_PANEL * C,
+                                   b ? b + q * LL_PANEL : NULL, C);
         }
     }
 }
 
-/* ---- GEMM (T >= LP_GEMM_T): LP_MR rows x LP_NR vectors, straight from the panel ---- */
+/* ---- GEMM (T >= 2): LP_MR rows x LP_NR vectors, straight from the panel ---- */
 
 static void LL_FN(linear_packed_gemm)(float* out, const float* inp, const float* packed, const float* bias,
                                       int T, int C, int OC) {
@@ -147,8 +144,8 @@ static void LL_FN(linear_packed_gemm)(float* out, const float* inp, const float*
 
 static void LL_FN(linear_packed)(float* out, const float* inp, const float* packed, const float* bias,
                                  int T, int C, int OC) {
-    if (T < LP_GEMM_T)
-        LL_FN(linear_packed_gemv)(out, inp, packed, bias, T, C, OC);
+    if (T == 1)
+        LL_FN(linear_packed_gemv)(out, inp, packed, bias, C, OC);
     else
         LL_FN(linear_packed_gemm)(out, inp, packed, bias, T, C, OC);
     const int j0 = OC / LL_PANEL * LL_PANEL;
@@ -161,5 +158,4 @@ static void LL_FN(linear_packed)(float* out, const float* inp, const float* pack
 #undef LP_NV
 #undef LP_NR
 #undef LP_KC
-#undef LP_GEMM_T
 #undef LP_AHEAD
