@@ -22,7 +22,7 @@ from llorch.stream import StopStrings, StreamDecoder
 from llorch.checkpoint import write_safetensors
 from llorch.testing import SHAPES, hf_config, random_weights
 from llorch.trace import DirectoryTracer, checkpoint_key, forward_order, run_trace
-from reference import build as build_reference
+from llorch.references import build as build_reference
 
 enc = llorch.tokenizer()
 
@@ -104,7 +104,7 @@ def test_json_equals_model_generate_and_hf_greedy(checkpoint, shape, n):
     ids = enc.encode(PROMPT)
     expected = list(llorch.load(path).generate(ids, n, eos_token_id=llorch.EOT_TOKEN))
     assert result["prompt_tokens"] == ids
-    from reference.hf import hf_greedy, load_hf   # torch only for the tests that need it
+    from llorch.references.hf import hf_greedy, load_hf   # torch only for the tests that need it
     assert result["tokens"] == expected == hf_greedy(load_hf(path), ids, n, llorch.EOT_TOKEN)
     assert result["text"] == enc.decode(expected)
     assert result["stop_reason"] == "max_tokens" and result["model"] == path

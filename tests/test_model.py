@@ -12,7 +12,7 @@ import torch
 import llorch
 from llorch.sampling import Sampler
 from llorch.trace import CHECKPOINTS, Tracer, expected_shape
-from reference.hf import hf_greedy, load_hf
+from llorch.references.hf import hf_greedy, load_hf
 
 torch.set_num_threads(2)
 enc = llorch.tokenizer()

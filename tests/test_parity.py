@@ -10,7 +10,7 @@ import pytest
 import llorch
 from llorch.compare import compare_traces, format_table
 from llorch.trace import Tracer, forward_order, run_trace
-from reference import DECODE_IDS, PROMPT_IDS, REFERENCES
+from llorch.references import DECODE_IDS, PROMPT_IDS, REFERENCES
 
 CASES = [("tiny", "normal"), ("gpt2", "normal"), ("gpt2-medium", "normal"), ("distilgpt2", "normal"),
          ("odd", "normal"), ("head80", "normal"), ("tiny", "outliers"), ("gpt2", "outliers"),

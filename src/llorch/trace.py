@@ -2,7 +2,7 @@
 
 The checkpoint table in docs/specs/13-tracing-and-checkpoints.md lists the same names in the same order
 (tests/test_checkpoint_table.py keeps the two equal). Every implementation -- llorch's model and each
-reference in tests/reference/ -- reports the same names with the same shapes, so two trace directories
+reference in llorch.references -- reports the same names with the same shapes, so two trace directories
 can be laid side by side by `llorch-compare`.
 
 Shapes use T = tokens in this forward pass, S = start_pos + T (cached positions after the write),
@@ -242,7 +242,7 @@ def structural_problems(arrays: Mapping[str, np.ndarray]) -> list[str]:
 
 
 class TraceableModel(Protocol):
-    """What run_trace drives: llorch's GPT2 and every reference in tests/reference/."""
+    """What run_trace drives: llorch's GPT2 and every reference in llorch.references."""
 
     def forward(self, token_ids: Sequence[int], start_pos: int = 0, tracer: Tracer | None = None) -> np.ndarray:
         """Logits [T, V] for token_ids at positions start_pos.. (cache positions beyond start_pos are rewritten)."""

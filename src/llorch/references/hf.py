@@ -34,8 +34,7 @@ import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from llorch.trace import forward_order
-
+from ..trace import forward_order
 from . import pass_end
 
 
