@@ -90,7 +90,10 @@ def reference_names(value: str) -> list[str]:
 
 def checkpoint_dir(model: str, option: str) -> str:
     """The directory every reference reads, for MODEL: ValueError naming the option if there is none."""
-    path = resolve_model(model)
+    try:
+        path = resolve_model(model)
+    except llorch.CheckpointError as e:   # neither a path nor a hub id whose weights could be found or fetched
+        raise ValueError(f"{option} {model}: {e}") from None
     if not os.path.exists(path):
         raise ValueError(f"{option} {model}: no such file or directory")
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -272,8 +275,6 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
         reference_dir = checkpoint_dir(args.reference_model, "--reference-model") if args.reference_model else model_dir
     except (ValueError, MissingFramework) as e:
         parser.error(str(e))
-    except llorch.CheckpointError as e:   # resolve_model's: MODEL is neither a path nor a findable hub id
-        parser.error(f"model {args.model}: {e}")
 
     try:
         model = llorch.load(model_dir)
