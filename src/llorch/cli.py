@@ -306,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         # /dev/null instead of failing on the closed pipe again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1   # as Python itself exits when its output pipe closes
-    except Exception as e:   # a bug, not bad input (bad input exited 2 above): no traceback unless asked
-        if os.environ.get("LLORCH_DEBUG") == "1":
-            raise
-        sys.stderr.write(f"{PROG}: internal error: {type(e).__name__}: {e} (LLORCH_DEBUG=1 shows the traceback)\n")
-        return EXIT_INTERNAL_ERROR
+    except Exception as e:   # a bug, not bad input (bad input exited 2 above)
+        return internal_error(PROG, e)
+
+
+def internal_error(prog: str, error: Exception) -> int:
+    """One line on stderr and EXIT_INTERNAL_ERROR; with LLORCH_DEBUG=1 the error is raised again, traceback and all."""
+    if os.environ.get("LLORCH_DEBUG") == "1":
+        raise error
+    sys.stderr.write(f"{prog}: internal error: {type(error).__name__}: {error} (LLORCH_DEBUG=1 shows the traceback)\n")
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llorch
-from llorch.cli import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, ArgumentParser, int_at_least, token_ids
+from llorch.cli import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
 from llorch.compare import Row, compare_traces, first_failure
 from llorch.hub import resolve_model
 from llorch.references import DECODE_IDS, INSTALL, PROMPT_IDS, REFERENCES, MissingFramework, build, require
@@ -137,10 +138,6 @@ def traced(model, directory: str | None, prompt_ids: list[int], decode_ids: list
     return tracer
 
 
-def pass_name(step: int) -> str:
-    return "prompt pass" if step == 0 else f"decode step {step}"
-
-
 def row_json(row: Row) -> dict:
     name, layer, step = parse_key(row.key)
     number = lambda x: None if x is None else json_number(x)  # noqa: E731
@@ -186,6 +183,17 @@ class Greedy:
     def to_json(self) -> dict:
         return {"n": self.n, "llorch": self.llorch, "hf": self.hf, "passed": self.passed, "text": self.text}
 
+    def lines(self) -> list[str]:
+        if self.hf is None:
+            verdict = f"greedy: {len(self.llorch)} tokens (not compared: hf is not among the references)"
+        elif self.passed:
+            verdict = f"greedy: {len(self.llorch)} tokens, llorch = HF generate"
+        else:
+            at = next((i for i, (a, b) in enumerate(zip(self.llorch, self.hf)) if a != b),
+                      min(len(self.llorch), len(self.hf)))
+            verdict = f"greedy: llorch and HF generate part at token {at}: {self.llorch} vs {self.hf}"
+        return [verdict, f"text: {self.text!r}"]
+
 
 def greedy_prefix(tokens: list[int], n: int) -> list[int]:
     """The first n tokens, ending after the first <|endoftext|> as HF generate stops there."""
@@ -193,39 +201,64 @@ def greedy_prefix(tokens: list[int], n: int) -> list[int]:
     return tokens[:tokens.index(llorch.EOT_TOKEN) + 1] if llorch.EOT_TOKEN in tokens else tokens
 
 
-def format_report(model: str, config, prompt_ids: list[int], decode_ids: list[int], results: list[ReferenceResult],
-                  greedy: Greedy | None, expect: str | None, passed: bool) -> str:
-    lines = [f"{model}: {config.n_layer} layers, n_embd {config.n_embd}, n_head {config.n_head}; "
-             f"prompt pass of {len(prompt_ids)} tokens, {len(decode_ids)} decode steps; "
-             "each checkpoint passes when max|llorch - ref| <= atol + rtol * max|ref| (docs/specs/13)"]
-    table = [("reference", "compared", "passed", "worst rel", "at", "first divergence")]
-    for result in results:
-        worst, first = result.worst(), first_failure(result.rows)
-        divergence = "-"
-        if first is not None:
-            name, layer, step = parse_key(first.key)
-            where = ("" if layer is None else f"layer {layer}, ") + pass_name(step)
-            rel = "" if first.max_rel is None else f", rel {first.max_rel:.3g}"
-            divergence = f"{first.key} ({where}: {first.status}{rel})"
-        table.append((result.name, str(len(result.rows)), str(sum(r.passed for r in result.rows)),
-                      "-" if worst is None else f"{worst.max_rel:.2g}", "-" if worst is None else worst.key,
-                      divergence))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    if greedy is not None:
-        if greedy.hf is None:
-            lines.append(f"greedy: {len(greedy.llorch)} tokens (not compared: hf is not among the references)")
-        elif greedy.passed:
-            lines.append(f"greedy: {len(greedy.llorch)} tokens, llorch = HF generate")
-        else:
-            at = next((i for i, (a, b) in enumerate(zip(greedy.llorch, greedy.hf)) if a != b),
-                      min(len(greedy.llorch), len(greedy.hf)))
-            lines.append(f"greedy: llorch and HF generate part at token {at}: {greedy.llorch} vs {greedy.hf}")
-        lines.append(f"text: {greedy.text!r}")
-    if expect is not None:
-        lines.append("expect: " + ("match" if greedy.text == expect else f"FAIL, expected {expect!r}"))
-    lines.append("PASS" if passed else "FAIL")
-    return "\n".join(lines)
+@dataclass
+class Validation:
+    model_dir: str
+    reference_dir: str
+    config: llorch.GPT2Config
+    prompt_ids: list[int]
+    decode_ids: list[int]
+    greedy: Greedy | None
+    expect: str | None
+    results: list[ReferenceResult] = field(default_factory=list)
+
+    @property
+    def expect_met(self) -> bool | None:
+        return None if self.expect is None else self.greedy.text == self.expect
+
+    @property
+    def passed(self) -> bool:
+        return (all(r.passed for r in self.results) and (self.greedy is None or self.greedy.passed is not False)
+                and self.expect_met is not False)
+
+    def to_json(self) -> dict:
+        """The --json report, schema SCHEMA (docs/specs/15-validate.md)."""
+        return {"schema": SCHEMA, "passed": self.passed, "model": self.model_dir, "reference_model": self.reference_dir,
+                "prompt_ids": self.prompt_ids, "decode_ids": self.decode_ids,
+                "references": [r.to_json() for r in self.results],
+                "greedy": None if self.greedy is None else self.greedy.to_json(),
+                "expect": None if self.expect is None else {"text": self.expect, "passed": self.expect_met}}
+
+    def table(self) -> str:
+        """The report for people: one row per reference, then the greedy check and the verdict."""
+        config = self.config
+        lines = [f"{self.model_dir}: {config.n_layer} layers, n_embd {config.n_embd}, n_head {config.n_head}; "
+                 f"prompt pass of {len(self.prompt_ids)} tokens, {len(self.decode_ids)} decode steps; "
+                 "each checkpoint passes when max|llorch - ref| <= atol + rtol * max|ref| (docs/specs/13)"]
+        rows = [("reference", "compared", "passed", "worst rel", "at", "first divergence")]
+        for result in self.results:
+            worst = result.worst()
+            rows.append((result.name, str(len(result.rows)), str(sum(r.passed for r in result.rows)),
+                         "-" if worst is None else f"{worst.max_rel:.2g}", "-" if worst is None else worst.key,
+                         divergence(first_failure(result.rows))))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        if self.greedy is not None:
+            lines += self.greedy.lines()
+        if self.expect is not None:
+            lines.append("expect: " + ("match" if self.expect_met else f"FAIL, expected {self.expect!r}"))
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)
+
+
+def divergence(first: Row | None) -> str:
+    """'s0.h1.ln_1 (layer 1, prompt pass: FAIL, rel 0.0099)', or '-' when nothing diverges."""
+    if first is None:
+        return "-"
+    _, layer, step = parse_key(first.key)
+    where = ("" if layer is None else f"layer {layer}, ") + ("prompt pass" if step == 0 else f"decode step {step}")
+    rel = "" if first.max_rel is None else f", rel {first.max_rel:.3g}"
+    return f"{first.key} ({where}: {first.status}{rel})"
 
 
 def plot_relative_errors(results: list[ReferenceResult], path: str) -> None:
@@ -235,9 +268,10 @@ def plot_relative_errors(results: list[ReferenceResult], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(11, 4.5), layout="constrained")
-    floor = 1e-12   # exact agreement drawn at the bottom of the log axis
+    floor, ceiling = 1e-12, 1.0   # exact agreement at the bottom; unmatched shapes, infinities and NaN at the top
     for result in results:
-        rel = [floor if r.max_rel is None or r.max_rel == 0 else r.max_rel for r in result.rows]
+        rel = [ceiling if r.max_rel is None or not math.isfinite(r.max_rel) else max(r.max_rel, floor)
+               for r in result.rows]
         axes.plot(range(len(rel)), rel, marker=".", markersize=3, linewidth=0.8, label=result.name)
     steps = [parse_key(r.key)[2] for r in results[0].rows]
     for i in range(1, len(steps)):
@@ -252,97 +286,87 @@ def plot_relative_errors(results: list[ReferenceResult], path: str) -> None:
     plt.close(figure)
 
 
-def read_prompt_ids(args: argparse.Namespace) -> list[int]:
+def checked_input(args: argparse.Namespace) -> tuple[list[int], str, str]:
+    """(prompt ids, llorch's checkpoint directory, the references'), after every check that needs no model."""
     if args.prompt_ids is not None:
-        return args.prompt_ids
-    if args.prompt is None:
-        return list(PROMPT_IDS)
-    if not args.prompt:
+        prompt_ids = args.prompt_ids
+    elif args.prompt is None:
+        prompt_ids = list(PROMPT_IDS)
+    elif args.prompt:
+        prompt_ids = llorch.tokenizer().encode(args.prompt, disallowed_special=())
+    else:
         raise ValueError("the prompt is empty")
-    return llorch.tokenizer().encode(args.prompt, disallowed_special=())
+    if args.expect is not None and args.greedy == 0:
+        raise ValueError("--expect needs greedy tokens: give --greedy K with K >= 1")
+    for name in args.reference:
+        require(name)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            raise ValueError("--plot needs matplotlib: pip install 'llorch[plot]'") from None
+    model_dir = checkpoint_dir(args.model, "-m")
+    reference_dir = checkpoint_dir(args.reference_model, "--reference-model") if args.reference_model else model_dir
+    return prompt_ids, model_dir, reference_dir
+
+
+def compare_reference(name: str, validation: Validation, ours: Tracer, trace_dir: str | None) -> ReferenceResult:
+    """Trace reference `name` on the same ids and compare it with llorch's trace; hf also runs generate for the
+    greedy check. The reference's weights are freed on return."""
+    reference = build(name, validation.reference_dir)
+    theirs = traced(reference, trace_dir, validation.prompt_ids, validation.decode_ids)
+    if name == "hf" and validation.greedy is not None:
+        from llorch.references.hf import hf_greedy
+        validation.greedy.hf = hf_greedy(reference.model, validation.prompt_ids, validation.greedy.n, llorch.EOT_TOKEN)
+    return ReferenceResult(name, compare_traces(ours, theirs))
 
 
 def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
-    try:   # every check that needs no model first
-        prompt_ids = read_prompt_ids(args)
-        if args.expect is not None and args.greedy == 0:
-            raise ValueError("--expect needs greedy tokens: give --greedy K with K >= 1")
-        for name in args.reference:
-            require(name)
-        if args.plot:
-            require_matplotlib()
-        model_dir = checkpoint_dir(args.model, "-m")
-        reference_dir = checkpoint_dir(args.reference_model, "--reference-model") if args.reference_model else model_dir
+    try:
+        prompt_ids, model_dir, reference_dir = checked_input(args)
     except (ValueError, MissingFramework) as e:
         parser.error(str(e))
-
     try:
         model = llorch.load(model_dir)
     except llorch.CheckpointError as e:
         parser.error(f"model {args.model}: {e}")
-    try:   # llorch's greedy continuation feeds the decode steps and is compared with HF's
+    try:   # llorch's greedy continuation: the decode steps' ids, and the tokens compared with HF's
+        # (at least one token, which also checks that the prompt fits the context)
         continuation = list(model.generate(prompt_ids, max(args.decode_steps, args.greedy, 1), eos_token_id=None))
     except ValueError as e:   # a ContextError, or prompt ids outside a smaller model's vocabulary
         parser.error(str(e))
-    decode_ids = continuation[:args.decode_steps]
-    trace_dir = lambda name: args.trace_dir and os.path.join(args.trace_dir, name)  # noqa: E731
-    try:
-        ours = traced(model, trace_dir("llorch"), prompt_ids, decode_ids)
-    except OSError as e:
-        parser.error(f"cannot write the trace to {args.trace_dir}: {e.strerror}")
-    config = model.config
-    del model
-
     greedy = None
     if args.greedy:
-        llorch_tokens = greedy_prefix(continuation, args.greedy)
-        text_tokens = [t for t in llorch_tokens if t != llorch.EOT_TOKEN]
-        greedy = Greedy(args.greedy, llorch_tokens, None, llorch.tokenizer().decode(prompt_ids + text_tokens))
-    results = []
-    for name in args.reference:
-        reference = build(name, reference_dir)
-        results.append(ReferenceResult(name, compare_traces(ours, traced(reference, trace_dir(name), prompt_ids, decode_ids))))
-        if name == "hf" and greedy is not None:
-            from llorch.references.hf import hf_greedy
-            greedy.hf = hf_greedy(reference.model, prompt_ids, args.greedy, llorch.EOT_TOKEN)
-        del reference   # one reference's weights in memory at a time
+        tokens = greedy_prefix(continuation, args.greedy)
+        text = llorch.tokenizer().decode(prompt_ids + [t for t in tokens if t != llorch.EOT_TOKEN])
+        greedy = Greedy(args.greedy, tokens, None, text)
+    validation = Validation(model_dir, reference_dir, model.config, prompt_ids, continuation[:args.decode_steps],
+                            greedy, args.expect)
 
-    passed = (all(r.passed for r in results) and (greedy is None or greedy.passed is not False)
-              and (args.expect is None or greedy.text == args.expect))
-    if args.json:
-        report = {"schema": SCHEMA, "passed": passed, "model": model_dir, "reference_model": reference_dir,
-                  "prompt_ids": prompt_ids, "decode_ids": decode_ids,
-                  "references": [r.to_json() for r in results],
-                  "greedy": None if greedy is None else greedy.to_json(),
-                  "expect": None if args.expect is None else {"text": args.expect, "passed": greedy.text == args.expect}}
-        print(json.dumps(report, indent=1, ensure_ascii=False))
-    else:
-        print(format_report(model_dir, config, prompt_ids, decode_ids, results, greedy, args.expect, passed))
-    if args.plot:
-        plot_relative_errors(results, args.plot)
-    return 0 if passed else 1
-
-
-def require_matplotlib() -> None:
+    trace_dir = {name: args.trace_dir and os.path.join(args.trace_dir, name) for name in ["llorch", *args.reference]}
     try:
-        import matplotlib  # noqa: F401
-    except ModuleNotFoundError:
-        raise ValueError("--plot needs matplotlib: pip install 'llorch[plot]'") from None
+        ours = traced(model, trace_dir["llorch"], prompt_ids, validation.decode_ids)
+    except OSError as e:
+        parser.error(f"cannot write the trace to {args.trace_dir}: {e.strerror}")
+    del model   # one set of weights in memory at a time
+    for name in args.reference:
+        validation.results.append(compare_reference(name, validation, ours, trace_dir[name]))
+
+    print(json.dumps(validation.to_json(), indent=1, ensure_ascii=False) if args.json else validation.table())
+    if args.plot:
+        plot_relative_errors(validation.results, args.plot)
+    return 0 if validation.passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.stdout.reconfigure(encoding="utf-8")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = (parser := build_parser()).parse_args(argv)
+    sys.stdout.reconfigure(encoding="utf-8")   # the greedy text is UTF-8 whatever the locale
     try:
         return run(args, parser)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except Exception as e:   # a bug, not bad input (bad input exited 2 above): no traceback unless asked
-        if os.environ.get("LLORCH_DEBUG") == "1":
-            raise
-        sys.stderr.write(f"{PROG}: internal error: {type(e).__name__}: {e} (LLORCH_DEBUG=1 shows the traceback)\n")
-        return EXIT_INTERNAL_ERROR
+    except Exception as e:   # a bug, not bad input (bad input exited 2 above)
+        return internal_error(PROG, e)
 
 
 if __name__ == "__main__":
