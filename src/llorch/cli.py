@@ -15,18 +15,18 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import llorch
 from llorch.checkpoint import resolve_weight_files
-from llorch.generate import generate
+from llorch.console import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, ArgumentParser
+from llorch.generate import Session, StopReason, run as run_session
 from llorch.hub import resolve_model
 from llorch.sampling import Sampler
-from llorch.stream import StopStrings, StreamDecoder
+from llorch.stream import StopStrings
 from llorch.trace import DirectoryTracer
 
 PROG = "llorch-run"
-EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130   # 130 = 128 + SIGINT, as shells report Ctrl-C
 LARGE_CHECKPOINT_BYTES = 1 << 30   # smaller checkpoints load too fast to need a progress line
 READ_CHUNK_BYTES = 64 << 20
 
@@ -52,12 +52,6 @@ threads: --threads, else LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else all core
 exit codes: 0 done, 2 bad input (one line on stderr), 1 internal error (LLORCH_DEBUG=1 shows the
 traceback), 130 interrupted.
 """
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line, `llorch-run: error: ...`, exit 2: for bad options and every other bad input."""
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -174,35 +168,24 @@ def read_with_progress(model_path: str) -> None:
 @dataclass
 class Generation:
     tokens: list[int]
-    stop_reason: str        # "max_tokens", "eos" or "stop"
+    stop_reason: StopReason
     text: str               # the continuation, cut before a stop string, without the eos token
     started: float          # perf_counter before the prompt pass
     first_token_at: float
     last_token_at: float
 
 
-def run_generation(token_stream: Iterator[int], decoder: StreamDecoder, stops: StopStrings,
-                   show: Callable[[str], None], eos_token_id: int | None) -> Generation:
-    """Consume the generator, passing each piece of text to show as soon as it is whole and before any
-    stop string; stop at eos or a stop string."""
-    tokens, stop_reason = [], "max_tokens"
-    started = first_token_at = last_token_at = time.perf_counter()
+def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None) -> Generation:
+    """Run the session, passing each piece of text to show as soon as it is released."""
+    started = time.perf_counter()
     try:
-        for token in token_stream:
-            last_token_at = time.perf_counter()
-            if not tokens:
-                first_token_at = last_token_at
-            tokens.append(token)
-            if token == eos_token_id:
-                stop_reason = "eos"
-                break
-            show(stops.push(decoder.push(token)))
-            if stops.stopped:
-                stop_reason = "stop"
-                break
-    finally:   # the text held back, at the end or on Ctrl-C
-        show(stops.push(decoder.flush()) + stops.flush())
-    return Generation(tokens, stop_reason, stops.text, started, first_token_at, last_token_at)
+        for step in run_session(model, session, tracer):
+            show(step.text)
+    except KeyboardInterrupt:
+        show(session.flush())   # the text held back
+        raise
+    return Generation(session.tokens, session.stop_reason, session.text, started, session.first_token_at,
+                      session.last_token_at)
 
 
 @dataclass
@@ -228,7 +211,7 @@ class Timings:
             decode_ms, n_decoded = (run.last_token_at - run.first_token_at) * 1e3, len(run.tokens) - 1
             lines.append(f"eval time        = {decode_ms:10.2f} ms / {n_decoded:5d} tokens "
                          f"({self.decode_tok_s:8.2f} tokens per second)")
-        lines.append(f"stop reason      = {run.stop_reason} ({len(run.tokens)} new tokens)")
+        lines.append(f"stop reason      = {run.stop_reason.value} ({len(run.tokens)} new tokens)")
         return "\n".join(lines) + "\n"
 
 
@@ -248,7 +231,7 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
     try:   # every check that needs no model, before a large checkpoint is loaded
         prompt_text, prompt_ids = read_prompt(args, encoding)
         sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        stops = StopStrings(args.stop)
+        StopStrings.check(args.stop)
     except ValueError as e:
         parser.error(str(e))
 
@@ -271,18 +254,18 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
             except OSError as e:
                 parser.error(f"cannot write the trace to {args.trace}: {e.strerror}")
         try:
-            token_stream = generate(model, prompt_ids, args.max_new_tokens, sampler, eos_token_id, tracer)
+            session = Session(model, prompt_ids, args.max_new_tokens, sampler, eos_token_id=eos_token_id,
+                              stop=args.stop)
         except ValueError as e:   # a ContextError, or prompt ids outside a smaller model's vocabulary
             parser.error(str(e))
         if streaming and args.display_prompt:
             write_stdout(prompt_text)
-        generation = run_generation(token_stream, StreamDecoder(encoding), stops,
-                                    write_stdout if streaming else lambda piece: None, eos_token_id)
+        generation = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
     timings = Timings.of(load_s, len(prompt_ids), generation)
 
     if args.json:
         result = {"model": model_path, "prompt_tokens": prompt_ids, "tokens": generation.tokens,
-                  "text": generation.text, "stop_reason": generation.stop_reason, "timings": asdict(timings)}
+                  "text": generation.text, "stop_reason": generation.stop_reason.value, "timings": asdict(timings)}
         print(json.dumps(result, ensure_ascii=False))
         return 0
     if not streaming:
