@@ -6,14 +6,13 @@
         print(enc.decode([token]), end="")
 """
 
-__version__ = "0.1.0"
-
-from .config import CheckpointError, GPT2Config  # noqa: E402
-from .generate import Session, StopReason, generate  # noqa: E402
-from .model import GPT2, ContextError, KVCache, load  # noqa: E402
-from .runtime import build_info, configure_from_env, select_simd, set_num_threads  # noqa: E402
-from .sampling import Sampler  # noqa: E402
-from .tokenizer import EOT_TOKEN, tokenizer  # noqa: E402
+from .version import __version__
+from .config import CheckpointError, GPT2Config
+from .generate import Session, StopReason, generate
+from .model import GPT2, ContextError, KVCache, load
+from .runtime import build_info, configure_from_env, select_simd, set_num_threads
+from .sampling import Sampler
+from .tokenizer import EOT_TOKEN, tokenizer
 
 configure_from_env()
 
