@@ -20,7 +20,7 @@ from typing import Callable
 import llorch
 from llorch.checkpoint import resolve_weight_files
 from llorch.console import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, ArgumentParser
-from llorch.generate import Session, StopReason, run as run_session
+from llorch.generate import Session, run as run_session
 from llorch.hub import resolve_model
 from llorch.sampling import Sampler
 from llorch.stream import StopStrings
@@ -165,18 +165,9 @@ def read_with_progress(model_path: str) -> None:
     sys.stderr.write("\r\033[K")   # erase the progress line
 
 
-@dataclass
-class Generation:
-    tokens: list[int]
-    stop_reason: StopReason
-    text: str               # the continuation, cut before a stop string, without the eos token
-    started: float          # perf_counter before the prompt pass
-    first_token_at: float
-    last_token_at: float
-
-
-def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None) -> Generation:
-    """Run the session, passing each piece of text to show as soon as it is released."""
+def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None) -> float:
+    """Run the session, passing each piece of text to show as soon as it is released. Returns when the
+    prompt pass started (perf_counter)."""
     started = time.perf_counter()
     try:
         for step in run_session(model, session, tracer):
@@ -184,8 +175,7 @@ def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], N
     except KeyboardInterrupt:
         show(session.flush())   # the text held back
         raise
-    return Generation(session.tokens, session.stop_reason, session.text, started, session.first_token_at,
-                      session.last_token_at)
+    return started
 
 
 @dataclass
@@ -196,16 +186,16 @@ class Timings:
     decode_tok_s: float | None   # None when one token was generated: no decode step was timed
 
     @classmethod
-    def of(cls, load_s: float, n_prompt: int, run: Generation) -> "Timings":
-        ttft = run.first_token_at - run.started
+    def of(cls, load_s: float, started: float, run: Session) -> "Timings":
+        ttft = run.first_token_at - started
         n_decoded = len(run.tokens) - 1
         decode_tok_s = n_decoded / (run.last_token_at - run.first_token_at) if n_decoded else None
-        return cls(load_s, ttft, n_prompt / ttft, decode_tok_s)
+        return cls(load_s, ttft, len(run.prompt_ids) / ttft, decode_tok_s)
 
-    def summary(self, n_prompt: int, run: Generation) -> str:
+    def summary(self, run: Session) -> str:
         """llama.cpp's performance lines: load, prompt eval (up to the first token), eval (one pass per token)."""
         lines = [f"load time        = {self.load_s * 1e3:10.2f} ms",
-                 f"prompt eval time = {self.ttft_s * 1e3:10.2f} ms / {n_prompt:5d} tokens "
+                 f"prompt eval time = {self.ttft_s * 1e3:10.2f} ms / {len(run.prompt_ids):5d} tokens "
                  f"({self.prefill_tok_s:8.2f} tokens per second, time to first token)"]
         if self.decode_tok_s is not None:
             decode_ms, n_decoded = (run.last_token_at - run.first_token_at) * 1e3, len(run.tokens) - 1
@@ -260,19 +250,19 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
             parser.error(str(e))
         if streaming and args.display_prompt:
             write_stdout(prompt_text)
-        generation = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
-    timings = Timings.of(load_s, len(prompt_ids), generation)
+        started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
+    timings = Timings.of(load_s, started, session)
 
     if args.json:
-        result = {"model": model_path, "prompt_tokens": prompt_ids, "tokens": generation.tokens,
-                  "text": generation.text, "stop_reason": generation.stop_reason.value, "timings": asdict(timings)}
+        result = {"model": model_path, "prompt_tokens": prompt_ids, "tokens": session.tokens,
+                  "text": session.text, "stop_reason": session.stop_reason.value, "timings": asdict(timings)}
         print(json.dumps(result, ensure_ascii=False))
         return 0
     if not streaming:
-        write_stdout((prompt_text if args.display_prompt else "") + generation.text)
+        write_stdout((prompt_text if args.display_prompt else "") + session.text)
     if sys.stdout.isatty():
         sys.stderr.write("\n")   # the continuation does not end in a newline: start the summary below it
-    sys.stderr.write(timings.summary(len(prompt_ids), generation))
+    sys.stderr.write(timings.summary(session))
     return 0
 
 
