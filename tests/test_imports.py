@@ -15,9 +15,22 @@ import sys
 import llorch
 
 SOURCE = os.path.dirname(llorch.__file__)
-MODULES = {f"llorch.{name[:-3]}" if name != "__init__.py" else "llorch": os.path.join(SOURCE, name)
-           for name in os.listdir(SOURCE) if name.endswith(".py")}
-SUBMODULES = {name.split(".", 1)[1] for name in MODULES if "." in name} | {"_kernels"}
+
+
+def find_modules(root: str) -> dict[str, str]:
+    """Every module of the package at root, subpackages included, by dotted name: {"llorch.model": path}."""
+    found = {}
+    for directory, _, files in os.walk(root):
+        relative = os.path.relpath(directory, root)
+        package = ".".join(["llorch"] + ([] if relative == "." else relative.split(os.sep)))
+        for name in files:
+            if name.endswith(".py"):
+                found[package if name == "__init__.py" else f"{package}.{name[:-3]}"] = os.path.join(directory, name)
+    return found
+
+
+MODULES = find_modules(SOURCE)
+EXTENSIONS = {"llorch._kernels"}   # compiled modules: imported, never parsed
 
 
 def parse(module: str) -> ast.Module:
@@ -46,20 +59,25 @@ def nodes(tree: ast.AST):
 
 def imports(module: str) -> list[tuple[str, list[str]]]:
     """(llorch module imported, names taken from it) for each import statement of module."""
-    package = module if module == "llorch" else module.rsplit(".", 1)[0]
+    package = module.split(".") if MODULES[module].endswith("__init__.py") else module.split(".")[:-1]
     found = []
     for node in nodes(parse(module)):
         if isinstance(node, ast.Import):
             found += [(alias.name, []) for alias in node.names if alias.name.split(".")[0] == "llorch"]
         elif isinstance(node, ast.ImportFrom):
-            source = package + ("." + node.module if node.module else "") if node.level else node.module
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
             if source.split(".")[0] != "llorch":
                 continue
-            names = [alias.name for alias in node.names]
-            if source == "llorch":   # `from . import model, __version__`: submodules are imports of their own
-                found += [(f"llorch.{name}", []) for name in names if name in SUBMODULES]
-                names = [name for name in names if name not in SUBMODULES]
-            if names or source != "llorch":
+            # `from . import model, __version__`: a submodule is an import of its own
+            submodules = [name for name in (alias.name for alias in node.names)
+                          if f"{source}.{name}" in MODULES or f"{source}.{name}" in EXTENSIONS]
+            found += [(f"{source}.{name}", []) for name in submodules]
+            names = [alias.name for alias in node.names if alias.name not in submodules]
+            if names:
                 found.append((source, names))
     return found
 
