@@ -52,9 +52,9 @@ def restore_runtime():
 
 def prompt_and_decode(model: llorch.GPT2) -> tuple[np.ndarray, np.ndarray]:
     """Logits of a prompt pass [T, V] and of one greedy decode step after it [1, V], from an empty cache."""
-    model.reset()
-    prompt = model.forward(PROMPT)
-    step = model.forward([int(prompt[-1].argmax())], start_pos=len(PROMPT))
+    cache = model.new_cache()
+    prompt = model.forward(PROMPT, cache)
+    step = model.forward([int(prompt[-1].argmax())], cache)
     return prompt, step
 
 

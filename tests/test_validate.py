@@ -122,7 +122,7 @@ def test_the_table_names_the_first_diverging_checkpoint_its_layer_and_pass(check
 @pytest.mark.parametrize("matches", [True, False])
 def test_expect_checks_the_prompt_and_its_greedy_continuation(checkpoint, matches):
     path = checkpoint("tiny")
-    text = llorch.tokenizer().decode(list(PROMPT_IDS) + list(llorch.load(path).generate(list(PROMPT_IDS), 4)))
+    text = llorch.tokenizer().decode(list(PROMPT_IDS) + list(llorch.generate(llorch.load(path), list(PROMPT_IDS), 4)))
     code, out, _ = validate("-m", path, "--reference", "numpy64", "--greedy", 4,
                             "--expect", text if matches else text + "!")
     assert code == (0 if matches else 1)
@@ -150,7 +150,7 @@ def test_a_hub_id_in_the_local_cache_and_a_model_safetensors_path(checkpoint, tm
     (["--prompt-ids", "15496,x"], "'x' is not a token id"),
     (["-p", ""], "the prompt is empty"),
     (["--greedy", "0", "--expect", "Hello."], "--expect needs greedy tokens"),
-    (["--decode-steps", "200"], "exceeds the context of 128 tokens"),
+    (["--decode-steps", "200"], "exceeds the context of 128 positions"),
     (["--reference-model", "/nonexistent"], "--reference-model /nonexistent: no such file or directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(checkpoint, args, message):

@@ -21,11 +21,11 @@ import sys
 from dataclasses import dataclass, field
 
 import llorch
-from llorch.cli import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
+from llorch.console import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
 from llorch.compare import Row, compare_traces, first_failure
 from llorch.hub import resolve_model
 from llorch.references import DECODE_IDS, INSTALL, PROMPT_IDS, REFERENCES, MissingFramework, build, require
-from llorch.trace import BY_NAME, DirectoryTracer, Tracer, json_number, parse_key, run_trace
+from llorch.trace import BY_NAME, DirectoryTracer, OneSequence, Tracer, json_number, parse_key, run_trace
 
 PROG = "llorch-validate"
 SCHEMA = "llorch-validate/1"
@@ -332,7 +332,8 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
         parser.error(f"model {args.model}: {e}")
     try:   # llorch's greedy continuation: the decode steps' ids, and the tokens compared with HF's
         # (at least one token, which also checks that the prompt fits the context)
-        continuation = list(model.generate(prompt_ids, max(args.decode_steps, args.greedy, 1), eos_token_id=None))
+        continuation = list(llorch.generate(model, prompt_ids, max(args.decode_steps, args.greedy, 1),
+                                            eos_token_id=None))
     except ValueError as e:   # a ContextError, or prompt ids outside a smaller model's vocabulary
         parser.error(str(e))
     greedy = None
@@ -345,7 +346,7 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
 
     trace_dir = {name: args.trace_dir and os.path.join(args.trace_dir, name) for name in ["llorch", *args.reference]}
     try:
-        ours = traced(model, trace_dir["llorch"], prompt_ids, validation.decode_ids)
+        ours = traced(OneSequence(model), trace_dir["llorch"], prompt_ids, validation.decode_ids)
     except OSError as e:
         parser.error(f"cannot write the trace to {args.trace_dir}: {e.strerror}")
     del model   # one set of weights in memory at a time

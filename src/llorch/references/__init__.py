@@ -12,8 +12,6 @@ The three share no math: each reads the checkpoint and computes the forward its 
 """
 
 import importlib
-import json
-import os
 
 REFERENCES = ("numpy64", "hf", "tinygrad")
 # what a reference needs beyond llorch's own dependencies, and how to get it
@@ -24,23 +22,6 @@ INSTALL = {"hf": "pip install 'llorch[validate]'", "tinygrad": "pip install tiny
 # decode steps (so a cache that forgets the past shows).
 PROMPT_IDS = (15496, 11, 314, 1101, 257, 3303, 2746, 11)  # "Hello, I'm a language model,"
 DECODE_IDS = (290, 314, 716)                                # " and I am"
-
-
-def read_config(checkpoint_dir: str) -> tuple[int, int, int, int, float]:
-    """(n_layer, n_head, n_embd, n_positions, layer_norm_epsilon) from the directory's config.json."""
-    with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    return (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"],
-            config["layer_norm_epsilon"])
-
-
-def pass_end(start_pos: int, n_tokens: int, n_cached: int, n_positions: int) -> int:
-    """S = start_pos + T, once sure the pass fits: it may rewrite cached positions but not leave a gap."""
-    S = start_pos + n_tokens
-    if not 0 <= start_pos <= n_cached or S > n_positions:
-        raise ValueError(f"start_pos {start_pos} with {n_tokens} tokens: {n_cached} positions cached, "
-                         f"{n_positions} at most")
-    return S
 
 
 class MissingFramework(ModuleNotFoundError):

@@ -35,7 +35,7 @@ from transformers import DynamicCache, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from ..trace import forward_order
-from . import pass_end
+from .shared import pass_end
 
 
 def load_hf(checkpoint_dir: str) -> GPT2LMHeadModel:
