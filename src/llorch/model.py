@@ -265,6 +265,7 @@ class GPT2:
         y = ws.get("y", (T, C))
         proj = ws.get("proj", (T, C))
         fc = ws.get("fc", (T, 4 * C))
+        scratch = ws.get("attention_scratch", (K.attention_scratch_floats(cfg.n_positions),))
         trace = tracer.record if tracer else None
         if tracer:
             assert len(segments) == 1, "a trace follows one sequence"
@@ -283,7 +284,7 @@ class GPT2:
             K.linear_packed(qkv, ln, b.c_attn_w, b.c_attn_b)
             if trace: trace("attn.qkv", i, qkv)
             if one_row_each:
-                K.decode_attention(y, qkv, [c.k[i] for c in caches], [c.v[i] for c in caches], positions)
+                K.decode_attention(y, qkv, [c.k[i] for c in caches], [c.v[i] for c in caches], positions, scratch)
             else:
                 for (ids, start_pos, cache), r in zip(segments, rows):
                     S = start_pos + ids.size
@@ -292,7 +293,7 @@ class GPT2:
                     scores = ws.get("scores", (NH, ids.size, S)) if tracer else None
                     K.kv_write(cache.k[i], cache.v[i], qkv[r], start_pos)
                     if trace: trace("attn.k_cache", i, cache.k[i, :, :S]); trace("attn.v_cache", i, cache.v[i, :, :S])
-                    K.attention(y[r], probs, qkv[r], cache.k[i], cache.v[i], start_pos, scores)
+                    K.attention(y[r], qkv[r], cache.k[i], cache.v[i], start_pos, scratch, scores, probs)
                     if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
             K.linear_packed(proj, y, b.attn_proj_w, b.attn_proj_b)
             if trace: trace("attn.proj", i, proj)
