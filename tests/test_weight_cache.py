@@ -9,6 +9,8 @@ import pytest
 
 import llorch
 import llorch.weights
+from llorch import _kernels as K
+from llorch import weight_cache
 from llorch.testing import make_checkpoint
 
 PROMPT = [15496, 11, 314, 1101, 257]
@@ -86,3 +88,20 @@ def test_an_unwritable_cache_directory_only_means_no_cache(checkpoint, tmp_path,
     want = logits(llorch.load(checkpoint("tiny")))
     np.testing.assert_array_equal(logits(llorch.load(checkpoint("tiny"))), want)
     assert blocked.read_text() == "not a directory"
+
+
+def panels_in_numpy(width: int):
+    """A packing function of the panel layout (spec: llorch.h) written in numpy, for any panel width."""
+    def pack(packed, weight):
+        packed[:] = np.concatenate([weight[:, p:p + width].ravel() for p in range(0, weight.shape[1], width)])
+    return pack
+
+
+def test_the_cache_key_follows_the_packing_layout():
+    """The key's layout part is a fingerprint of what the packing makes, not a version to bump: the kernel
+    and a numpy copy of its layout agree, another panel width or no packing at all gives another key."""
+    ours = weight_cache.layout_fingerprint(K.pack_linear)
+    assert weight_cache.layout_fingerprint(panels_in_numpy(K.PANEL)) == ours
+    others = {weight_cache.layout_fingerprint(pack) for pack in (
+        panels_in_numpy(K.PANEL // 2), panels_in_numpy(2 * K.PANEL), lambda packed, w: np.copyto(packed, w.ravel()))}
+    assert len(others) == 3 and ours not in others

@@ -237,14 +237,16 @@ class GPT2:
             ((ids, start_pos, _),) = segments
             scores = self._ws.get("scores", (self.config.n_head, ids.size, start_pos + ids.size))
             probs = self._ws.get("probs", scores.shape)
-        if a.qkv.shape[0] == len(segments) and scores is None:
-            # a decode step, one new row per sequence: every sequence's kv_write and attention in one call
+        scratch = self._ws.get("attention_scratch", (K.attention_scratch_floats(self.config.n_positions),))
+        if a.qkv.shape[0] == len(segments):
+            # a decode step, one new row per sequence (traced or not): every sequence's kv_write and attention
+            # in one call
             K.decode_attention(a.y, a.qkv, [c.k[i] for _, _, c in segments], [c.v[i] for _, _, c in segments],
-                               [start_pos for _, start_pos, _ in segments])
+                               [start_pos for _, start_pos, _ in segments], scratch, scores, probs)
         else:
             for (ids, start_pos, cache), r in zip(segments, rows):
                 K.kv_write(cache.k[i], cache.v[i], a.qkv[r], start_pos)
-                K.attention(a.y[r], probs, a.qkv[r], cache.k[i], cache.v[i], start_pos, scores)
+                K.attention(a.y[r], a.qkv[r], cache.k[i], cache.v[i], start_pos, scratch, scores, probs)
         ids, start_pos, cache = segments[0]   # a tracer's one sequence
         S = start_pos + ids.size
         tracer.record("attn.k_cache", i, cache.k[i, :, :S])
