@@ -14,7 +14,7 @@ class CheckpointError(ValueError):
 
 # The activations HF GPT-2 configs name for the tanh-approximation GELU that GPT-2 was trained with.
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-ANY = None   # ConfigField.accepts: every value loads
+ANY = None   # ConfigField.accepts: the table refuses no value (GPT2Config checks the sizes)
 
 
 @dataclass(frozen=True)
