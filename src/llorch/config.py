@@ -94,7 +94,7 @@ CONFIG_FIELDS: dict[str, ConfigField] = {
     "chunk_size_feed_forward": ConfigField("irrelevant", ANY, "GPT-2's code never chunks its MLP"),
     "output_hidden_states": ConfigField("irrelevant", ANY, _OUTPUTS),
     "output_attentions": ConfigField("irrelevant", ANY, _OUTPUTS),
-    "return_dict": ConfigField("irrelevant", ANY, _OUTPUTS),
+    "return_dict": ConfigField("irrelevant", ANY, "the form of HF's outputs (a tuple or an object), not the logits"),
     "architectures": ConfigField("irrelevant", ANY, "which HF class saved the file; the tensors are checked"),
     "transformers_version": ConfigField("irrelevant", ANY, "metadata"),
     "_name_or_path": ConfigField("irrelevant", ANY, "metadata"),
