@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llorch
+from llorch.testing import TRAINED_PROMPTS
 from llorch.trace import CHECKPOINTS, Tracer, expected_shape
 from llorch.references.hf import hf_greedy, load_hf
 
@@ -197,3 +198,16 @@ def test_a_traced_decode_step_computes_the_bits_of_an_untraced_one(checkpoint):
     model.forward(ids, traced, logits="last", tracer=Tracer())
     np.testing.assert_array_equal(model.decode_batch([token], [traced], tracer=Tracer()),
                                   model.decode_batch([token], [untraced]))
+
+
+def test_the_trained_model_greedy_equals_hf_and_is_varied(trained_checkpoint):
+    """Greedy text of a trained model: many distinct ids with clear top-1 margins, unlike a random model's."""
+    model, hf = llorch.load(trained_checkpoint), load_hf(trained_checkpoint)
+    for prompt in TRAINED_PROMPTS:
+        ids = enc.encode(prompt)
+        ours = list(llorch.generate(model, ids, 64))
+        assert len(set(ours)) >= 20, (prompt, enc.decode(ours))
+        assert ours == hf_greedy(hf, ids, 64, llorch.EOT_TOKEN), prompt
+        ids += ours
+        logits, ref = model.forward(ids, model.new_cache()), hf_logits(hf, ids)
+        assert np.abs(logits - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()

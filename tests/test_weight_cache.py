@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +108,58 @@ def test_the_cache_key_follows_the_packing_layout():
     others = {weight_cache.layout_fingerprint(pack) for pack in (
         panels_in_numpy(K.PANEL // 2), panels_in_numpy(2 * K.PANEL), lambda packed, w: np.copyto(packed, w.ravel()))}
     assert len(others) == 3 and ours not in others
+
+
+class _FailingAfterOne(dict):
+    """Tensors whose second one raises as the writer reaches it: an interrupt in the middle of a write."""
+
+    def __init__(self, tensors, error):
+        super().__init__(tensors)
+        self.error = error
+
+    def values(self):
+        first, *_ = super().values()
+        yield first
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("injected"), OSError(28, "No space left")])
+def test_an_interrupted_write_leaves_no_file(cache_dir, error):
+    tensors = {"a": np.ones(1 << 16, np.float32), "b": np.ones(4, np.float32)}
+    target = str(cache_dir / "0123456789abcdef-0123456789abcdef.safetensors")
+    if isinstance(error, OSError):    # best effort: swallowed
+        weight_cache.write(target, _FailingAfterOne(tensors, error))
+    else:
+        with pytest.raises(type(error)):
+            weight_cache.write(target, _FailingAfterOne(tensors, error))
+    assert cached_files(cache_dir) == []
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_partials_are_swept_and_live_writers_kept(checkpoint, cache_dir):
+    cache_dir.mkdir()
+    age = weight_cache.STALE_PARTIAL_SECONDS + 60
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            partials = {
+                f"writer-{dead_pid()}-dead.partial": "swept",            # its writer was killed
+                f"writer-{live.pid}-live.partial": "kept",               # being written right now
+                f"writer-{live.pid}-idle.partial": "swept",              # a reused pid: no write for too long
+                "tmpk3j4l5.partial": "swept",                            # unnamed writer, idle too long
+                "tmp0a1b2c.partial": "kept",                             # unnamed writer, just written
+            }
+            for name, fate in partials.items():
+                (cache_dir / name).write_bytes(b"\0" * 64)
+                if name.endswith(("idle.partial", "tmpk3j4l5.partial")):
+                    os.utime(cache_dir / name, (time.time() - age, time.time() - age))
+            llorch.load(checkpoint("tiny"))
+        finally:
+            live.kill()
+    left = cached_files(cache_dir)
+    assert sorted(n for n in left if n.endswith(".partial")) == sorted(n for n, f in partials.items() if f == "kept")
+    assert sum(n.endswith(".safetensors") for n in left) == 1

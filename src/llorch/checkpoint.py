@@ -123,6 +123,12 @@ class SafetensorsFile:
             if end > furthest_end:
                 furthest_end, owner = end, name
 
+    def stored_bytes(self, name: str) -> tuple[str, list[int], bytes]:
+        """(dtype, shape, the raw bytes) of a tensor as the file stores it."""
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        return entry["dtype"], entry["shape"], self._map[self.data_start + begin:self.data_start + end]
+
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as float32: a read-only view of the mapped file when stored as aligned F32."""
         entry = self.header[name]
@@ -179,7 +185,10 @@ def load_weights(files: list[str], cfg: GPT2Config) -> dict[str, np.ndarray]:
     for path in files:
         st = SafetensorsFile(path)
         for stored in st.header:
-            located[stored.removeprefix("transformer.")] = (st, stored)
+            name = stored.removeprefix("transformer.")
+            if name in located:
+                _check_same_tensor(located[name], (st, stored))
+            located[name] = (st, stored)
 
     expected = expected_shapes(cfg)
     missing = [n for n in expected if n not in located]
@@ -210,6 +219,17 @@ def load_weights(files: list[str], cfg: GPT2Config) -> dict[str, np.ndarray]:
         warnings.warn(f"{files[0]}: ignoring {len(unknown)} tensor(s) that GPT-2 does not use: "
                       f"{', '.join(unknown[:5])}", stacklevel=2)
     return weights
+
+
+def _check_same_tensor(first: tuple[SafetensorsFile, str], second: tuple[SafetensorsFile, str]) -> None:
+    """One tensor stored under two accepted names ("wte.weight" and "transformer.wte.weight"): refused
+    unless both hold the same dtype, shape and bytes, when either gives the same model. Otherwise which
+    one is meant is a guess, and HF's loader and llorch might guess differently."""
+    (st_a, a), (st_b, b) = first, second
+    if st_a.stored_bytes(a) != st_b.stored_bytes(b):
+        where = st_a.path if st_a.path == st_b.path else f"{st_a.path} and {st_b.path}"
+        raise CheckpointError(f"{where}: tensors {a!r} and {b!r} are the same GPT-2 tensor with different "
+                              f"contents; keep one of them")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
