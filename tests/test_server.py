@@ -139,7 +139,8 @@ def execute(url: str, body: dict | str, on_event=None) -> Stream:
     """POST /execute and read the SSE stream; on_event(stream) may return True to hang up early."""
     content = body if isinstance(body, str) else json.dumps(body)
     with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
-        with http.stream("POST", url + "/execute", content=content) as response:
+        with http.stream("POST", url + "/execute", content=content,
+                         headers={"Content-Type": "application/json"}) as response:
             if response.status_code != 200:
                 response.read()
                 return Stream(response.status_code, response.json())
@@ -239,7 +240,7 @@ def daemon(model_path, callback, tmp_path_factory):
 
 # ---- the worker contract ----
 
-def test_health_and_startup_callback(daemon, model, callback):
+def test_health_and_startup_callback(daemon, model, model_path, callback):
     health = daemon.health()
     assert health["status"] == "healthy" and health["model_loaded"] is True
     assert health["memory_type"] == "cpu" and health["memory_bytes"] >= model.weight_bytes
@@ -247,8 +248,9 @@ def test_health_and_startup_callback(daemon, model, callback):
     deadline = time.monotonic() + 10
     while not callback.bodies and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert callback.bodies == [{"worker_id": "test-worker", "model_ref": health["model"],
+    assert callback.bodies == [{"worker_id": "test-worker", "model_ref": str(model_path),
                                 "memory_bytes": model.weight_bytes, "uri": daemon.url}]
+    assert daemon.health()["callback_delivered"] is True
 
 
 def test_tokens_are_streamed_as_they_are_produced(daemon, model):
