@@ -12,7 +12,6 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # seconds; from a tiny model's sub-millisecond tokens to a long prompt queued behind a full batch
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -22,7 +21,8 @@ class Metrics:
     """The registry and its metrics; `counts()` gives (running, queued) jobs and `kv_cache_bytes()` the
     bytes held by the active jobs' KV caches, both read at scrape time."""
 
-    content_type = CONTENT_TYPE_LATEST
+    # the classic text format, which every Prometheus parses (the names' colons are legal in it)
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     def __init__(self, counts: Callable[[], tuple[int, int]], kv_cache_bytes: Callable[[], int]) -> None:
         self.registry = registry = CollectorRegistry()
