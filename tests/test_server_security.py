@@ -232,12 +232,14 @@ def wait_closed(sockets: list[socket.socket], deadline_s: float, trickle: bool =
 
 
 def test_slowloris_connections_are_closed_after_the_request_timeout(secured):
+    log_before = len(secured.log())
     sockets = slow_sockets(secured.port, 20)
     health = httpx.get(secured.url + "/health", timeout=5.0)   # meanwhile, the worker answers
     assert health.status_code == 200
     closed_after = wait_closed(sockets, deadline_s=REQUEST_TIMEOUT_S + 8, trickle=True)
     print(f"slowloris: 20 sockets closed after {min(closed_after):.2f} to {max(closed_after):.2f} s")
     assert all(REQUEST_TIMEOUT_S - 0.5 < t < REQUEST_TIMEOUT_S + 5 for t in closed_after), closed_after
+    assert secured.log()[log_before:].count("no complete request within") == 1   # the other 19 left out
 
 
 def test_a_silent_connection_is_closed_after_the_request_timeout(secured):

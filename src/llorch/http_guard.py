@@ -6,8 +6,8 @@
   carrying the request id.
 - `guarded_protocol`, uvicorn's h11 protocol with a deadline for reading each request (slowloris) and
   `/health` exempt from the connection cap.
-- `quiet_accept_errors`: running out of file descriptors logs one line every few seconds, not a traceback
-  per failed accept().
+- `quiet_floods`: running out of file descriptors logs one line every few seconds, not a traceback per
+  failed accept(); warnings clients can cause at will are rate-limited the same way.
 - `guard_stream`: a response stream that fails mid-way ends with an error event, not a reset connection.
 """
 
@@ -38,27 +38,34 @@ PREFLIGHT = [(b"access-control-allow-methods", b"GET, POST"),   # what a listed 
              (b"access-control-allow-headers", b"Authorization, Content-Type"), (b"access-control-max-age", b"600")]
 
 
-class RateLimitedLog:
-    """Warnings of one kind at most once per interval, each saying how many were left out since the last."""
+class RateLimitedWarnings(logging.Filter):
+    """A logger filter passing each kind of WARNING (its message template, before the arguments are filled
+    in) at most once per interval; the next one that passes says how many were left out. Keyed by template,
+    the kinds are few however varied the requests that cause them."""
 
-    def __init__(self, logger: logging.Logger, interval_s: float) -> None:
-        self.logger, self.interval_s = logger, interval_s
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
         self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._left_out: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        now = time.monotonic()
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        kind, now = str(record.msg), time.monotonic()
         if now - self._last.get(kind, -math.inf) < self.interval_s:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return False
         self._last[kind] = now
-        left_out = self._suppressed.pop(kind, 0)
+        left_out = self._left_out.pop(kind, 0)
         if left_out:
-            message, args = message + " (and %d more like it since the last such line)", (*args, left_out)
-        self.logger.warning(message, *args)
+            record.msg = f"{record.msg} (and {left_out} more like it since the last such line)"
+        return True
 
 
-refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL_S)
+# what clients can cause at will: refusals, timeouts, running out of descriptors
+refusals = logging.getLogger("llorch.http.refused")
+refusals.addFilter(RateLimitedWarnings(REFUSAL_LOG_INTERVAL_S))
 
 
 # ---- error bodies, in the shape of the route's API ----
@@ -136,7 +143,7 @@ class HttpGuard:
                       (b"access-control-expose-headers", b"X-Request-Id")]
         if self.draining():
             extra.append((b"connection", b"close"))   # the client must not send more on this connection
-        status = 500
+        status = None   # until the response starts
 
         async def send_with_headers(message) -> None:
             nonlocal status
@@ -149,8 +156,7 @@ class HttpGuard:
             refusal = self.refusal(scope, headers)
             if refusal:
                 code, field, constraint, message, more = refusal
-                refusals.warning(f"{code}", "request refused with %d: %s %s: %s", code, scope["method"], path,
-                                 message)
+                refusals.warning(f"request refused with {code}: %s %s: %s", scope["method"], path, message)
                 await send_json(send_with_headers, code, error_body(path, code, field, constraint, message),
                                 more)
             elif is_preflight(scope, headers):   # from an allowed origin, or refusal() would have said no
@@ -163,11 +169,11 @@ class HttpGuard:
         except Exception:
             log.exception("internal error in %s %s (request id %s)", scope["method"], path, request_id,
                           extra={"request_id": request_id})
-            if status == 500:   # no response started yet: the client gets the request id to report
+            if status is None:   # no response started yet: the client gets the request id to report
                 body = error_body(path, 500, "request", "internal", f"internal error (request id {request_id})")
                 await send_json(send_with_headers, 500, {**body, "request_id": request_id})
         finally:
-            self.on_response(path if path in ROUTES else "other", status)
+            self.on_response(path if path in ROUTES else "other", status or 500)
 
     def refusal(self, scope, headers: Headers) -> tuple[int, str, str, str, list] | None:
         """(status, field, constraint, message, extra headers) for a request refused before any route."""
@@ -244,8 +250,8 @@ def guarded_protocol(read_timeout_s: float) -> type[H11Protocol]:
             self._read_deadline = None
             if not self.transport.is_closing():
                 client = "%s:%d" % self.client if self.client else "a client"
-                refusals.warning("read timeout", "closed the connection from %s: no complete request within %g s",
-                                 client, read_timeout_s)
+                refusals.warning("closed the connection from %s: no complete request within %g s", client,
+                                 read_timeout_s)
                 self.transport.close()   # a route still reading the body sees the client disconnect
 
         @property
@@ -264,16 +270,17 @@ def guarded_protocol(read_timeout_s: float) -> type[H11Protocol]:
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def quiet_accept_errors(loop) -> None:
-    """Log running out of file descriptors (or socket buffers) as one warning every few seconds.
+def quiet_floods(loop) -> None:
+    """Log running out of file descriptors (or socket buffers) as one warning every few seconds, and so
+    uvicorn's warnings for each request beyond the connection cap or each invalid request.
     asyncio's accept loop reports each failed accept() to the loop's exception handler, whose default logs a
     traceback, and retries up to the listen backlog times per second: tens of thousands of tracebacks a
     second. It keeps retrying, so connections are accepted again once descriptors are free."""
+    logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings(REFUSAL_LOG_INTERVAL_S))
     def handler(loop, context: dict) -> None:
         error = context.get("exception")
         if isinstance(error, OSError) and error.errno in OUT_OF_RESOURCES:
-            refusals.warning("accept", "cannot accept connections: %s (see ulimit -n and --max-connections)",
-                             error.strerror)
+            refusals.warning("cannot accept connections: %s (see ulimit -n and --max-connections)", error.strerror)
         else:
             loop.default_exception_handler(context)
     loop.set_exception_handler(handler)

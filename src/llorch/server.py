@@ -567,7 +567,7 @@ async def metrics(request: Request) -> Response:
 def create_app(worker: Worker, policy: http_guard.Policy) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        http_guard.quiet_accept_errors(asyncio.get_running_loop())
+        http_guard.quiet_floods(asyncio.get_running_loop())
         worker.scheduler.start()
         announcing = asyncio.create_task(worker.after_load())
         yield
