@@ -326,16 +326,22 @@ def test_the_drain_answers_503_on_open_connections(model_path, tmp_path):
                "--keep-alive-timeout", "30")
     try:
         assert "--api-key is visible to every local user" in d.log()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool, httpx.Client(timeout=30.0, headers=AUTH) as kept:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool, httpx.Client(timeout=30.0, headers=AUTH) as kept:
             assert kept.get(d.url + "/v1/models").status_code == 200   # opens the connection kept alive
-            running = start_in_background(pool, d.url, job("drained", max_tokens=1000), tokens=1, headers=AUTH)
+            jobs = [start_in_background(pool, d.url, job("drained", max_tokens=1000), tokens=1, headers=AUTH),
+                    pool.submit(execute, d.url, job("queued", max_tokens=1000), None, AUTH)]
+            d.wait_health(lambda health: health["queued_jobs"] == 1)
             d.process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            refused = kept.post(d.url + "/execute", json=job("too-late"))
-            assert refused.status_code == 503 and refused.headers["connection"] == "close"
-            assert refused.json()["errors"][0]["message"] == "the worker is shutting down"
-            name, end = running.result(60).terminal
-        assert name == "end" and end["tokens_out"] == 1000   # the running job finished in the grace period
+            deadline = time.monotonic() + 10
+            while (answer := kept.get(d.url + "/v1/models")).status_code == 200:   # until the drain begins
+                assert "connection" not in answer.headers and time.monotonic() < deadline
+            assert answer.status_code == 503 and answer.headers["connection"] == "close"
+            assert answer.json()["error"]["message"] == "the worker is shutting down"
+            with pytest.raises(httpx.ConnectError):   # a new connection is refused: the port is closed
+                httpx.get(d.url + "/health", timeout=2.0)
+            ends = [running.result(60).terminal for running in jobs]
+        # the running and the queued job had the grace period to finish
+        assert ends == [("end", end) for _, end in ends] and all(end["tokens_out"] == 1000 for _, end in ends)
         assert d.process.wait(30) == 0
     finally:
         d.stop()
