@@ -108,7 +108,8 @@ def test_cors_headers_only_for_the_listed_origin(secured):
     assert foreign.status_code == 200 and "access-control-allow-origin" not in foreign.headers
     listed = httpx.get(url + "/v1/models", headers={**AUTH, "Origin": ORIGIN}, timeout=5.0)
     assert listed.headers["access-control-allow-origin"] == ORIGIN
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
     allowed = httpx.options(url + "/v1/completions", headers={**preflight, "Origin": ORIGIN}, timeout=5.0)
     assert allowed.status_code == 204 and allowed.headers["access-control-allow-origin"] == ORIGIN
     assert "Authorization" in allowed.headers["access-control-allow-headers"]
@@ -473,8 +474,8 @@ def failing_app():
         return StreamingResponse(http_guard.guard_stream(chunks(), lambda request_id: f"event: error\ndata: "
                                                          f"{request_id}\n\n", request.state.request_id))
     policy = http_guard.Policy(api_key=None, allowed_hosts=None, cors_origins=frozenset())
-    app = Starlette(routes=[Route("/execute", fails, methods=["POST"]), Route("/v1/completions", fails, methods=["POST"]),
-                            Route("/stream", fails_mid_stream)],
+    app = Starlette(routes=[Route("/execute", fails, methods=["POST"]),
+                            Route("/v1/completions", fails, methods=["POST"]), Route("/stream", fails_mid_stream)],
                     middleware=[Middleware(http_guard.HttpGuard, policy=policy, draining=lambda: False,
                                            on_response=lambda route, status: None)])
     port = free_port()

@@ -474,7 +474,8 @@ async def cancel(request: Request) -> JSONResponse:
 # ---- OpenAI-style completions ----
 
 def openai_error(status: int, message: str, param: str | None = None) -> Response:
-    return rejection(status, http_guard.openai_error_body(status, message, param), f"/v1/completions: {param or message}")
+    return rejection(status, http_guard.openai_error_body(status, message, param),
+                     f"/v1/completions: {param or message}")
 
 
 def finish_reason(stop_reason: str) -> str:
@@ -688,7 +689,10 @@ class DrainingServer(UvicornServer):
         if not self.started:   # nothing to drain yet
             super().handle_exit(sig, frame)
             return
-        self.loop.call_soon_threadsafe(self.loop.create_task, self.drain(sig))
+        self.loop.call_soon_threadsafe(self.start_drain, sig)
+
+    def start_drain(self, sig: int) -> None:
+        self.draining = self.loop.create_task(self.drain(sig))   # held: the loop keeps only a weak reference
 
     async def drain(self, sig: int) -> None:
         for listener in self.servers:
@@ -730,8 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--api-key is visible to every local user (ps, /proc): prefer --api-key-file or LLORCH_API_KEY")
 
     allowed_hosts = split_list(args.allowed_hosts) or {args.host.lower(), *LOOPBACK_NAMES}
-    policy = http_guard.Policy(api_key=api_key, allowed_hosts=None if "*" in allowed_hosts else frozenset(allowed_hosts),
-                               cors_origins=split_list(args.cors_origins))
+    policy = http_guard.Policy(api_key=api_key, cors_origins=split_list(args.cors_origins),
+                               allowed_hosts=None if "*" in allowed_hosts else frozenset(allowed_hosts))
     worker = Worker(args)
     config = uvicorn.Config(create_app(worker, policy), host=args.host, port=args.port, log_config=None,
                             log_level=args.log_level, access_log=False,
