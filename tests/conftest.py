@@ -15,7 +15,7 @@ import pytest
 
 from llorch.testing import make_checkpoint
 from llorch.trace import Tracer, run_trace
-from reference import DECODE_IDS, PROMPT_IDS, build
+from llorch.references import DECODE_IDS, PROMPT_IDS, build
 
 
 @pytest.fixture(scope="session", autouse=True)

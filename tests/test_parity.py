@@ -9,8 +9,8 @@ import pytest
 
 import llorch
 from llorch.compare import compare_traces, format_table
-from llorch.trace import Tracer, forward_order, run_trace
-from reference import DECODE_IDS, PROMPT_IDS, REFERENCES
+from llorch.trace import OneSequence, Tracer, forward_order, run_trace
+from llorch.references import DECODE_IDS, PROMPT_IDS, REFERENCES
 
 CASES = [("tiny", "normal"), ("gpt2", "normal"), ("gpt2-medium", "normal"), ("distilgpt2", "normal"),
          ("odd", "normal"), ("head80", "normal"), ("tiny", "outliers"), ("gpt2", "outliers"),
@@ -25,7 +25,7 @@ def llorch_trace(checkpoint):
     def trace(shape, variant):
         if (shape, variant) not in traces:
             model, tracer = llorch.load(checkpoint(shape, variant=variant)), Tracer()
-            run_trace(model, PROMPT_IDS, DECODE_IDS, tracer)
+            run_trace(OneSequence(model), PROMPT_IDS, DECODE_IDS, tracer)
             traces[shape, variant] = tracer, model.config.n_layer
         return traces[shape, variant]
     return trace

@@ -178,13 +178,13 @@ def greedy_text(model, prompt: str, max_tokens: int, repetition_penalty: float =
     """The text a greedy job should produce, computed in-process, stopping after <|endoftext|>."""
     ids = enc.encode(prompt)
     sampler, cache, out = Sampler(0.0, repetition_penalty=repetition_penalty), model.new_cache(), []
-    logits = model.forward(ids, logits="last", cache=cache)
+    logits = model.forward(ids, cache, logits="last")
     while True:
         token = sampler(logits[0], ids + out)
         out.append(token)
         if token == llorch.EOT_TOKEN or len(out) == max_tokens:
             return enc.decode([t for t in out if t != llorch.EOT_TOKEN])
-        logits = model.forward([token], start_pos=cache.length, logits="last", cache=cache)
+        logits = model.forward([token], cache, logits="last")
 
 
 class CallbackReceiver(http.server.ThreadingHTTPServer):

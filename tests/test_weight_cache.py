@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import llorch
-import llorch.model
+import llorch.weights
+from llorch import _kernels as K
+from llorch import weight_cache
 from llorch.testing import make_checkpoint
 
 PROMPT = [15496, 11, 314, 1101, 257]
@@ -26,16 +28,16 @@ def cached_files(directory) -> list[str]:
 
 
 def logits(model) -> np.ndarray:
-    return model.forward(PROMPT, logits="all")
+    return model.forward(PROMPT, model.new_cache(), logits="all")
 
 
 def test_a_second_load_maps_the_cache_and_computes_the_same_bits(checkpoint, cache_dir):
     path = checkpoint("odd")
     first = llorch.load(path)
-    assert llorch.model._mapping(first.wte) is None         # prepared in this process's memory
+    assert llorch.weights.mapped_file(first.weights.wte) is None         # prepared in this process's memory
     assert [f.endswith(".safetensors") for f in cached_files(cache_dir)] == [True]
     second = llorch.load(path)
-    assert llorch.model._mapping(second.wte) is not None    # mapped from the cache file
+    assert llorch.weights.mapped_file(second.weights.wte) is not None    # mapped from the cache file
     np.testing.assert_array_equal(logits(second), logits(first))
     assert len(cached_files(cache_dir)) == 1
 
@@ -45,7 +47,7 @@ def test_a_rewritten_checkpoint_is_never_served_from_the_cache(tmp_path, cache_d
     before = logits(llorch.load(path))
     make_checkpoint(tmp_path / "model", "tiny", seed=2)      # same names, shapes and size; new values
     after = llorch.load(path)
-    assert llorch.model._mapping(after.wte) is None
+    assert llorch.weights.mapped_file(after.weights.wte) is None
     assert not np.array_equal(logits(after), before)
     np.testing.assert_array_equal(logits(llorch.load(path)), logits(after))
     assert len(cached_files(cache_dir)) == 1      # the earlier version's file is gone
@@ -66,16 +68,16 @@ def test_a_damaged_cache_file_is_replaced(tmp_path, cache_dir, damage):
         [other] = [f for f in cached_files(cache_dir) if f != name]
         os.replace(cache_dir / other, cached)
     reloaded = llorch.load(path)
-    assert llorch.model._mapping(reloaded.wte) is None       # prepared again ...
+    assert llorch.weights.mapped_file(reloaded.weights.wte) is None       # prepared again ...
     np.testing.assert_array_equal(logits(reloaded), want)
-    assert llorch.model._mapping(llorch.load(path).wte) is not None   # ... and cached again
+    assert llorch.weights.mapped_file(llorch.load(path).weights.wte) is not None   # ... and cached again
 
 
 def test_caching_off_writes_nothing(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("LLORCH_CACHE_DIR", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = llorch.load(checkpoint("tiny"))
-    assert llorch.model._mapping(model.wte) is None
+    assert llorch.weights.mapped_file(model.weights.wte) is None
     assert os.listdir(tmp_path) == []
 
 
@@ -86,3 +88,20 @@ def test_an_unwritable_cache_directory_only_means_no_cache(checkpoint, tmp_path,
     want = logits(llorch.load(checkpoint("tiny")))
     np.testing.assert_array_equal(logits(llorch.load(checkpoint("tiny"))), want)
     assert blocked.read_text() == "not a directory"
+
+
+def panels_in_numpy(width: int):
+    """A packing function of the panel layout (spec: llorch.h) written in numpy, for any panel width."""
+    def pack(packed, weight):
+        packed[:] = np.concatenate([weight[:, p:p + width].ravel() for p in range(0, weight.shape[1], width)])
+    return pack
+
+
+def test_the_cache_key_follows_the_packing_layout():
+    """The key's layout part is a fingerprint of what the packing makes, not a version to bump: the kernel
+    and a numpy copy of its layout agree, another panel width or no packing at all gives another key."""
+    ours = weight_cache.layout_fingerprint(K.pack_linear)
+    assert weight_cache.layout_fingerprint(panels_in_numpy(K.PANEL)) == ours
+    others = {weight_cache.layout_fingerprint(pack) for pack in (
+        panels_in_numpy(K.PANEL // 2), panels_in_numpy(2 * K.PANEL), lambda packed, w: np.copyto(packed, w.ravel()))}
+    assert len(others) == 3 and ours not in others

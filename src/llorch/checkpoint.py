@@ -7,6 +7,10 @@ float16 and bfloat16 tensors are upcast to float32 copies.
 
 HF stores GPT-2's linear layers as Conv1D with weight [in, out] (y = x @ W + b): that is the layout the
 linear kernel expects, so no weight is transposed here.
+
+The reader is our own rather than the safetensors package's: its numpy loader copies every tensor, while
+these views of one mapping cost no memory until the model repacks them and let it release the mapped pages
+as it goes (llorch.weights); and every way a file can be broken gets a message naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -30,20 +34,29 @@ _SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+# Each block's tensors: the HF name within block i ("h.{i}." + name) -> its shape in multiples of n_embd,
+# in the order HF saves them. The model's Block, expected_shapes and llorch.testing all read this one table.
+BLOCK_TENSORS: dict[str, tuple[int, ...]] = {
+    "ln_1.weight": (1,), "ln_1.bias": (1,),
+    "attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (3,),
+    "attn.c_proj.weight": (1, 1), "attn.c_proj.bias": (1,),
+    "ln_2.weight": (1,), "ln_2.bias": (1,),
+    "mlp.c_fc.weight": (1, 4), "mlp.c_fc.bias": (4,),
+    "mlp.c_proj.weight": (4, 1), "mlp.c_proj.bias": (1,),
+}
+
+
+def block_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """BLOCK_TENSORS with the shapes in numbers: {"attn.c_attn.weight": (C, 3C), ...}."""
+    return {name: tuple(m * cfg.n_embd for m in multiples) for name, multiples in BLOCK_TENSORS.items()}
+
+
 def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor a GPT-2 checkpoint must hold, by HF name (without the `transformer.` prefix)."""
     C, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
     shapes = {"wte.weight": (V, C), "wpe.weight": (P, C)}
     for i in range(cfg.n_layer):
-        h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
-            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
-            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
-        })
+        shapes.update({f"h.{i}.{name}": shape for name, shape in block_shapes(cfg).items()})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return shapes
 

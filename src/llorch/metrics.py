@@ -13,6 +13,8 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .scheduler import JobEvent, JobStarted, TokenReleased
+
 # seconds; from a tiny model's sub-millisecond tokens to a long prompt queued behind a full batch
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -48,25 +50,25 @@ class Metrics:
         self.e2e_latency = histogram("llorch:e2e_request_latency_seconds",
                                      "From a job's submission to its end, error or cancellation.")
 
-    def job_tracker(self, prompt_tokens: int, submitted_at: float) -> Callable[[str], None]:
-        """A function to call with the name of each of one job's events, as it is consumed; submitted_at
-        is a time.perf_counter() reading."""
+    def job_tracker(self, prompt_tokens: int, submitted_at: float) -> Callable[[JobEvent], None]:
+        """A function to call with each of one job's events, as it is consumed; submitted_at is a
+        time.perf_counter() reading."""
         last_token_at = None
 
-        def on_event(name: str) -> None:
+        def on_event(event: JobEvent) -> None:
             nonlocal last_token_at
             now = time.perf_counter()
-            if name == "started":
+            if isinstance(event, JobStarted):
                 self.queue_time.observe(now - submitted_at)
                 self.prompt_tokens.inc(prompt_tokens)
-            elif name == "token":
+            elif isinstance(event, TokenReleased):
                 self.generation_tokens.inc()
                 if last_token_at is None:
                     self.time_to_first_token.observe(now - submitted_at)
                 else:
                     self.inter_token_latency.observe(now - last_token_at)
                 last_token_at = now
-            elif name in ("end", "error"):
+            else:   # JobEnded or JobFailed
                 self.e2e_latency.observe(now - submitted_at)
         return on_event
 

@@ -5,7 +5,8 @@
 Serves the llama-orch worker contract (GET /health, POST /execute streaming named SSE events, POST /cancel)
 and OpenAI-style completions (POST /v1/completions, GET /v1/models) over Starlette + uvicorn, the optional
 `server` extra. The model runs on one scheduler thread that batches every active job (llorch.scheduler);
-this module validates requests, turns scheduler events into SSE, and handles start-up and shutdown.
+this module validates requests, turns the scheduler's job events into the wire formats (the worker
+contract's named SSE events, OpenAI's JSON and SSE), and handles start-up and shutdown.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ from typing import AsyncIterator, Awaitable, Callable
 import numpy as np
 
 import llorch
+from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
+from llorch.generate import StopReason
 from llorch.hub import resolve_model
 from llorch.sampling import Sampler
-from llorch.scheduler import CANCELLED, EOS, INFERENCE_FAILED, Event, Job, Rejected, Scheduler, STOP_SEQUENCE
+from llorch.scheduler import (FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, Rejected, Scheduler,
+                              TokenReleased)
 
 try:
     import httpx
@@ -55,7 +59,6 @@ except ImportError as e:   # reported by main(); importing this module stays har
     UvicornServer = object
 
 PROG = "llorch-cpud"
-EXIT_BAD_INPUT = 2
 log = logging.getLogger("llorch.server")
 
 MAX_BODY_BYTES = 1 << 20   # a 32768-character prompt, fully \u-escaped, is well under this
@@ -265,8 +268,8 @@ class Worker:
         self.callback_timeout_s = args.callback_timeout
         self.callback_delivered = False
         self.grace_s = args.grace_period
-        self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), model_name=self.model_name,
-                                   max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+        self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), max_batch=args.max_batch,
+                                   max_queue=args.max_queue, threads=args.threads)
         self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes)
         self.encoding = llorch.tokenizer()
         self.draining = False
@@ -294,17 +297,17 @@ class Worker:
     def prompt_ids(self, params: dict) -> tuple[list[int], list[dict]]:
         """The prompt's tokens, or a violation on `prompt` when they and max_tokens overflow the context."""
         ids = self.encoding.encode(params["prompt"], disallowed_special=())   # <|endoftext|> is plain text
-        context = self.scheduler.loaded.result().config.n_positions
-        if len(ids) + params["max_tokens"] > context:
-            return ids, [violation("prompt", "context", f"prompt of {len(ids)} tokens + {params['max_tokens']} "
-                                   f"new tokens exceeds the context of {context} positions")]
+        try:
+            self.scheduler.loaded.result().check_request(ids, params["max_tokens"])
+        except llorch.ContextError as e:
+            return ids, [violation("prompt", "context", str(e))]
         return ids, []
 
     def new_job(self, job_id: str, params: dict, prompt_ids: list[int]) -> tuple[Job, asyncio.Queue]:
         """A job from validated params, and the queue its events arrive on, in this event loop."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(event: Event) -> None:   # called on the scheduler thread
+        def emit(event: JobEvent) -> None:   # called on the scheduler thread
             with contextlib.suppress(RuntimeError):   # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
@@ -317,7 +320,7 @@ class Worker:
         job = Job(job_id, prompt_ids, params["max_tokens"], sampler, emit, stop=params["stop"], seed=seed)
         return job, events
 
-    async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[Event]:
+    async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[JobEvent]:
         """The job's events as they are produced, up to its terminal one. If the consumer stops first (the
         client disconnected), the job is cancelled."""
         ended = False
@@ -325,8 +328,8 @@ class Worker:
         try:
             while not ended:
                 event = await queue.get()
-                ended = event.terminal
-                measure(event.name)
+                ended = isinstance(event, (JobEnded, JobFailed))
+                measure(event)
                 yield event
         finally:
             if not ended:
@@ -408,6 +411,23 @@ def sse(name: str | None, data: object) -> str:
     return f"{head}data: {payload}\n\n"
 
 
+def execute_sse(event: JobEvent, model_name: str) -> str:
+    """A job event as the worker contract's named SSE events (spec 14, requirement 8)."""
+    if isinstance(event, JobStarted):
+        return sse("started", {"job_id": event.job_id, "model": model_name,
+                               "started_at": event.started_at.isoformat()})
+    if isinstance(event, TokenReleased):
+        return sse("token", {"t": event.text, "i": event.index})
+    if isinstance(event, JobFailed):
+        return sse("error", {"code": event.code.value, "message": event.message})
+    end = {"tokens_out": event.tokens_out, "decode_time_ms": round(event.generation_s * 1e3, 3),
+           "stop_reason": event.stop_reason.name}
+    if event.stop_sequence is not None:
+        end["stop_sequence_matched"] = event.stop_sequence
+    metrics = {"tokens_per_sec": round(event.tokens_out / event.generation_s, 3), "memory_bytes": event.memory_bytes}
+    return sse("metrics", metrics) + sse("end", end)
+
+
 async def health(request: Request) -> JSONResponse:
     worker: Worker = request.app.state.worker
     active, queued = worker.scheduler.counts()
@@ -451,10 +471,11 @@ async def execute(request: Request) -> Response:
 
     async def stream() -> AsyncIterator[str]:
         async for event in worker.events(job, queue):
-            yield sse(event.name, event.data)
+            yield execute_sse(event, worker.model_name)
 
     def failure(request_id: str) -> str:
-        return sse("error", {"code": INFERENCE_FAILED, "message": f"internal error (request id {request_id})"})
+        return sse("error", {"code": FailureCode.INFERENCE_FAILED.value,
+                             "message": f"internal error (request id {request_id})"})
     return StreamingResponse(http_guard.guard_stream(stream(), failure, request.state.request_id),
                              media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -478,8 +499,8 @@ def openai_error(status: int, message: str, param: str | None = None) -> Respons
                      f"/v1/completions: {param or message}")
 
 
-def finish_reason(stop_reason: str) -> str:
-    return "stop" if stop_reason in (EOS, STOP_SEQUENCE) else "length"
+def finish_reason(stop_reason: StopReason) -> str:
+    return "length" if stop_reason == StopReason.MAX_TOKENS else "stop"
 
 
 async def models(request: Request) -> JSONResponse:
@@ -509,13 +530,12 @@ async def completions(request: Request) -> Response:
     if params["stream"]:
         async def stream() -> AsyncIterator[str]:
             async for event in worker.events(job, queue):
-                if event.name == "token" and event.data["t"]:
-                    yield sse(None, {**head, "choices": [choice(event.data["t"], None)]})
-                elif event.name == "end":
-                    yield sse(None, {**head, "choices": [choice("", finish_reason(event.data["stop_reason"]))]})
-                elif event.name == "error":
-                    yield sse(None, {"error": {"message": event.data["message"], "type": "server_error",
-                                               "param": None, "code": event.data["code"]}})
+                if isinstance(event, TokenReleased) and event.text:
+                    yield sse(None, {**head, "choices": [choice(event.text, None)]})
+                elif isinstance(event, JobEnded):
+                    yield sse(None, {**head, "choices": [choice("", finish_reason(event.stop_reason))]})
+                elif isinstance(event, JobFailed):
+                    yield sse(None, http_guard.openai_error_body(500, event.message, code=event.code.value))
             yield sse(None, "[DONE]")
 
         def failure(request_id: str) -> str:
@@ -527,15 +547,15 @@ async def completions(request: Request) -> Response:
     async def complete() -> Response:
         text = []
         async for event in worker.events(job, queue):
-            if event.name == "token":
-                text.append(event.data["t"])
-            elif event.name == "error":
-                return openai_error(503 if event.data["code"] == CANCELLED else 500, event.data["message"])
-            elif event.name == "end":
-                usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": event.data["tokens_out"],
-                         "total_tokens": len(job.prompt_ids) + event.data["tokens_out"]}
+            if isinstance(event, TokenReleased):
+                text.append(event.text)
+            elif isinstance(event, JobFailed):
+                return openai_error(503 if event.code == FailureCode.CANCELLED else 500, event.message)
+            elif isinstance(event, JobEnded):
+                usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": event.tokens_out,
+                         "total_tokens": len(job.prompt_ids) + event.tokens_out}
                 return JSONResponse({**head, "usage": usage,
-                                     "choices": [choice("".join(text), finish_reason(event.data["stop_reason"]))]})
+                                     "choices": [choice("".join(text), finish_reason(event.stop_reason))]})
     return await unless_disconnected(request, complete())
 
 
@@ -589,8 +609,8 @@ def create_app(worker: Worker, policy: http_guard.Policy) -> Starlette:
     return app
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="GPT-2 worker daemon: llama-orch's worker contract "
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="GPT-2 worker daemon: llama-orch's worker contract "
                                      "and OpenAI-style completions, with continuous batching.")
     parser.add_argument("--model", required=True, help="directory, .safetensors file or hub id (as llorch-run -m)")
     parser.add_argument("--port", type=int, required=True)
@@ -636,17 +656,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_api_key(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+def read_api_key(args: argparse.Namespace, parser: ArgumentParser) -> str | None:
     """The API key from --api-key-file, --api-key or LLORCH_API_KEY, or None."""
     if args.api_key_file and args.api_key:
-        fail(parser, "give --api-key-file or --api-key, not both")
+        parser.error("give --api-key-file or --api-key, not both")
     if args.api_key_file:
         try:
             key = pathlib.Path(args.api_key_file).read_text().strip()
         except (OSError, UnicodeDecodeError) as e:
-            fail(parser, f"cannot read --api-key-file {args.api_key_file}: {getattr(e, 'strerror', None) or e}")
+            parser.error(f"cannot read --api-key-file {args.api_key_file}: {getattr(e, 'strerror', None) or e}")
         if not key:
-            fail(parser, f"--api-key-file {args.api_key_file} is empty")
+            parser.error(f"--api-key-file {args.api_key_file} is empty")
         return key
     return args.api_key or os.environ.get("LLORCH_API_KEY") or None
 
@@ -656,11 +676,6 @@ def is_loopback(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:   # a name other than localhost may resolve to anything
         return False
-
-
-def fail(parser: argparse.ArgumentParser, message: str) -> None:
-    """One line on stderr, exit 2."""
-    parser.exit(EXIT_BAD_INPUT, f"{PROG}: error: {message}\n")
 
 
 def split_list(value: str | None) -> frozenset[str]:
@@ -710,8 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if MISSING_EXTRA:
-        parser.exit(EXIT_BAD_INPUT, f"{PROG}: error: the server extra is not installed ({MISSING_EXTRA} is "
-                                    "missing): pip install 'llorch[server]'\n")
+        parser.error(f"the server extra is not installed ({MISSING_EXTRA} is missing): pip install 'llorch[server]'")
     for name, value, low in (("--port", args.port, 1), ("--threads", args.threads or 1, 1),
                              ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--max-connections", args.max_connections, 1)):
@@ -723,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name} must be > 0, got {value}")
     api_key = read_api_key(args, parser)
     if not is_loopback(args.host) and api_key is None and not args.insecure_no_auth:
-        fail(parser, f"--host {args.host} is reachable from other machines: set an API key (--api-key-file or "
+        parser.error(f"--host {args.host} is reachable from other machines: set an API key (--api-key-file or "
                      "LLORCH_API_KEY) or pass --insecure-no-auth")
     args.worker_id = args.worker_id or str(uuid.uuid4())
     handler = logging.StreamHandler(sys.stderr)
@@ -751,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()
     except KeyboardInterrupt:   # SIGINT, re-raised by uvicorn after the same graceful shutdown
-        return 130
+        return EXIT_INTERRUPTED
     return worker.exit_code
 
 

@@ -30,7 +30,7 @@ import shutil
 
 import numpy as np
 
-from .checkpoint import write_safetensors
+from .checkpoint import block_shapes, write_safetensors
 from .config import GPT2Config
 from .tokenizer import EOT_TOKEN
 
@@ -113,27 +113,24 @@ def random_weights(dims: GPT2Config, *, seed: int = 0, variant: str = "normal") 
         values *= np.float32(std)
         return values
 
-    def layer_norm(name: str) -> dict[str, np.ndarray]:
+    def layer_norm(name: str) -> np.ndarray:   # name: a gain ("...weight") or a bias
         if variant == "big_ln":
-            gain = rng.uniform(0.5, 4.0, C).astype(np.float32)
-            return {name + ".weight": gain, name + ".bias": normal((C,), 0.5)}
-        return {name + ".weight": 1 + normal((C,), 0.1), name + ".bias": normal((C,), 0.02)}
+            return rng.uniform(0.5, 4.0, C).astype(np.float32) if name.endswith("weight") else normal((C,), 0.5)
+        return 1 + normal((C,), 0.1) if name.endswith("weight") else normal((C,), 0.02)
 
     proj_std = 0.02 / np.sqrt(2 * L)  # GPT-2's scaled init of the layers that write to the residual stream
+
+    def block_tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name.startswith("ln_"):
+            return layer_norm(name)
+        if name.endswith("bias"):
+            return normal(shape, 0.01)
+        return normal(shape, proj_std if name.endswith("c_proj.weight") else 0.02)
+
     weights = {"wte.weight": normal((dims.vocab_size, C), 0.02), "wpe.weight": normal((dims.n_positions, C), 0.01)}
     for i in range(L):
-        h = f"h.{i}."
-        weights |= layer_norm(h + "ln_1")
-        weights[h + "attn.c_attn.weight"] = normal((C, 3 * C), 0.02)
-        weights[h + "attn.c_attn.bias"] = normal((3 * C,), 0.01)
-        weights[h + "attn.c_proj.weight"] = normal((C, C), proj_std)
-        weights[h + "attn.c_proj.bias"] = normal((C,), 0.01)
-        weights |= layer_norm(h + "ln_2")
-        weights[h + "mlp.c_fc.weight"] = normal((C, 4 * C), 0.02)
-        weights[h + "mlp.c_fc.bias"] = normal((4 * C,), 0.01)
-        weights[h + "mlp.c_proj.weight"] = normal((4 * C, C), proj_std)
-        weights[h + "mlp.c_proj.bias"] = normal((C,), 0.01)
-    weights |= layer_norm("ln_f")
+        weights |= {f"h.{i}.{name}": block_tensor(name, shape) for name, shape in block_shapes(dims).items()}
+    weights |= {name: layer_norm(name) for name in ("ln_f.weight", "ln_f.bias")}
     if variant == "outliers":
         _add_outlier_dims(weights, dims, rng)
     return weights

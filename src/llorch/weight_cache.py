@@ -8,8 +8,8 @@ page cache in one call (~5 ms for 124M when cached); decode measured as fast fro
 The file is a safetensors file of float32 tensors under HF's names, the four matrices of each block
 flattened in the packed layout. Where: $LLORCH_CACHE_DIR, else $XDG_CACHE_HOME/llorch, else
 ~/.cache/llorch; LLORCH_CACHE_DIR=off turns it off. A file's name is a hash of what it was made from
-(each weight file's real path, size, inode, modification and change times, config.json's bytes, the layout
-version), so a changed checkpoint gets a new file; only a file rewritten in place to the same size within
+(each weight file's real path, size, inode, modification and change times, config.json's bytes, the packing
+layout's fingerprint), so a changed checkpoint or a changed layout gets a new file; only a file rewritten in place to the same size within
 one tick of the file system's clock could go unnoticed. The name starts with a hash of the files' paths
 alone: writing a checkpoint's new cache file removes the one of its earlier version, so the cache holds
 one file per checkpoint location. Files are written under a temporary name
@@ -18,16 +18,36 @@ and renamed; a cache that cannot be written only means the next load prepares th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
+from . import _kernels as K
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import CheckpointError
 
-LAYOUT_VERSION = 1   # bump whenever the prepared layout changes (the panel width, which tensors are packed)
+# A probe weight [C, OC] spanning two full panels and a narrower last one: any change to the packing
+# (panel width, order within a panel, the ragged tail) moves some of its values.
+_PROBE_SHAPE = (3, 2 * K.PANEL + 5)
+
+
+def layout_fingerprint(pack: Callable[[np.ndarray, np.ndarray], None]) -> str:
+    """A hash of what pack(packed, weight) makes of a fixed probe weight, and of its dtype: the cache key's
+    part that changes whenever the packed layout does, with no version to bump by hand. (Which tensors are
+    packed shows in their shapes, flat when packed, which read() checks.)"""
+    weight = np.arange(np.prod(_PROBE_SHAPE), dtype=np.float32).reshape(_PROBE_SHAPE)
+    packed = np.empty(weight.size, dtype=np.float32)
+    pack(packed, weight)
+    return hashlib.sha256(f"{packed.dtype.str} {packed.shape}\n".encode() + packed.tobytes()).hexdigest()[:16]
+
+
+@functools.cache
+def _layout() -> str:
+    return layout_fingerprint(K.pack_linear)
 
 
 def cache_dir() -> str | None:
@@ -45,7 +65,7 @@ def cache_file(config_path: str, weight_files: list[str]) -> str | None:
     if directory is None:
         return None
     place = hashlib.sha256("\n".join(os.path.realpath(p) for p in [config_path, *weight_files]).encode())
-    state = hashlib.sha256(f"llorch prepared weights, layout {LAYOUT_VERSION}\n".encode())
+    state = hashlib.sha256(f"llorch prepared weights, layout {_layout()}\n".encode())
     try:
         with open(config_path, "rb") as f:
             state.update(f.read())
