@@ -128,7 +128,7 @@ class Job:
         decode_rate = f"{decoded / (last - first):.1f} tok/s" if decoded > 0 and last > first else "-"
         log.info("job %s: %d prompt tokens, %d out, %s, ttft %s, decode %s, queued %.1f ms, seed %s",
                  self.job_id, len(self.prompt_ids), self.tokens_out, outcome, ttft, decode_rate,
-                 (admitted - self.submitted_at) * 1e3, self.seed)
+                 (admitted - self.submitted_at) * 1e3, self.seed, extra={"job_id": self.job_id})
 
 
 class Scheduler:
