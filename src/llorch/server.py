@@ -30,6 +30,7 @@ import llorch
 from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
 from llorch.generate import StopReason
 from llorch.hub import resolve_model
+from llorch.runtime import threads_beyond_cpus
 from llorch.sampling import Sampler
 from llorch.scheduler import (FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, Rejected, Scheduler,
                               TokenReleased)
@@ -522,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     args.worker_id = args.worker_id or str(uuid.uuid4())
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads and (too_many := threads_beyond_cpus(args.threads)) is not None:
+        log.warning("--threads %d %s", args.threads, too_many)
 
     worker = Worker(args)
     config = uvicorn.Config(create_app(worker), host=args.host, port=args.port, log_config=None,

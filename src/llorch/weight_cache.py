@@ -29,6 +29,7 @@ import numpy as np
 from . import _kernels as K
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import CheckpointError
+from .weights import Progress
 
 # A probe weight [C, OC] spanning two full panels and a narrower last one: any change to the packing
 # (panel width, order within a panel, the ragged tail) moves some of its values.
@@ -92,8 +93,11 @@ def read(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]
     return {name: cached.tensor(name) for name in shapes}
 
 
-def write(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """Store tensors at path, best effort: any OS error (read-only directory, full disk) leaves no file."""
+def write(path: str, tensors: dict[str, np.ndarray], progress: Progress | None = None) -> None:
+    """Store tensors at path, best effort: any OS error (read-only directory, full disk) leaves no file.
+    progress, if given, hears of each tensor written (stage "caching the prepared weights")."""
+    total = sum(t.nbytes for t in tensors.values())
+    written = None if progress is None else lambda done: progress("caching the prepared weights", done, total)
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
@@ -102,7 +106,7 @@ def write(path: str, tensors: dict[str, np.ndarray]) -> None:
         return
     try:
         os.close(fd)
-        write_safetensors(temporary, tensors)
+        write_safetensors(temporary, tensors, written=written)
         os.replace(temporary, path)
     except OSError:
         _remove(temporary)
