@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.server
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -542,3 +543,12 @@ def test_overflowing_activations_end_the_job_with_non_finite_logits(overflowing_
         assert overflowing.health()["model_loaded"]   # the worker goes on serving
     finally:
         assert overflowing.stop() == 0
+
+
+def test_more_threads_than_cpus_are_logged_as_a_warning(model_path, tmp_path):
+    too_many = len(os.sched_getaffinity(0)) + 1
+    daemon = Daemon(model_path, tmp_path / "daemon.log", "--threads", str(too_many))
+    try:
+        assert f"WARNING llorch.server: --threads {too_many} exceeds the {too_many - 1} CPUs available" in daemon.log()
+    finally:
+        assert daemon.stop() == 0
