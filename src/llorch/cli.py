@@ -31,7 +31,8 @@ PROG = "llorch-run"
 
 EPILOG = """\
 prompt: -p PROMPT, -f FILE (-f -: standard input) or, with neither, standard input (one trailing newline
-of a file or of stdin is dropped). Prompts must be UTF-8. "<|endoftext|>" in a prompt is plain text unless --special is given.
+of a file or of stdin is dropped). Prompts must be UTF-8. "<|endoftext|>" in a prompt is plain text unless
+--special is given.
 
 output: the continuation is streamed to stdout as it is generated, then one newline. The prompt is not
 echoed (so stdout is exactly the generated text and a newline, for scripts); --display-prompt echoes it
