@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from llorch.testing import make_checkpoint
@@ -71,3 +72,41 @@ def reference_trace(checkpoint):
             run_trace(model, PROMPT_IDS, DECODE_IDS, traces[key])
         return traces[key]
     return trace
+
+
+def _rewritten(directory: str, change) -> str:
+    """A checkpoint written by make_checkpoint, its float32 tensors passed through change(tensors) in place."""
+    from safetensors.numpy import load_file, save_file
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def padded_checkpoint(tmp_path_factory):
+    """The tiny shape with its vocabulary padded to 50304, as nanoGPT and llm.c train, rigged so that a
+    padding id would win every argmax: ln_f's output is all ones and the padding rows of wte are 0.5 each,
+    so their logits are 32 and the others' a few tenths."""
+    from llorch.testing import SHAPES
+    from dataclasses import replace
+    directory = make_checkpoint(tmp_path_factory.mktemp("padded"), replace(SHAPES["tiny"], vocab_size=50304))
+
+    def rig(tensors):
+        tensors["ln_f.weight"][:] = 0
+        tensors["ln_f.bias"][:] = 1
+        tensors["wte.weight"][50257:] = 0.5
+    return _rewritten(directory, rig)
+
+
+@pytest.fixture(scope="session")
+def overflowing_checkpoint(tmp_path_factory):
+    """The tiny shape with finite weights whose activations overflow: block 0's MLP matrices scaled by 1e30
+    (still far below float32's 3.4e38), so its output, and the logits after it, are not finite."""
+    directory = make_checkpoint(tmp_path_factory.mktemp("overflowing"), "tiny")
+
+    def scale(tensors):
+        tensors["h.0.mlp.c_fc.weight"] *= np.float32(1e30)
+        tensors["h.0.mlp.c_proj.weight"] *= np.float32(1e30)
+    return _rewritten(directory, scale)

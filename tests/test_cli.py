@@ -107,9 +107,9 @@ def test_json_equals_llorch_generate_and_hf_greedy(checkpoint, shape, n):
 def test_streamed_text_equals_json_text(tiny, prompt):
     expected = run_json("-m", tiny, "-p", prompt, "-n", 40)["text"]
     code, out, _ = run_cli("-m", tiny, "-p", prompt, "-n", 40)
-    assert code == 0 and out == expected   # the prompt is not echoed (spec 12)
-    assert run_cli("-m", tiny, "-p", prompt, "-n", 40, "--no-stream")[1] == expected
-    assert run_cli("-m", tiny, "-p", prompt, "-n", 40, "--display-prompt")[1] == prompt + expected
+    assert code == 0 and out == expected + "\n"   # the prompt is not echoed; a final newline (spec 12)
+    assert run_cli("-m", tiny, "-p", prompt, "-n", 40, "--no-stream")[1] == expected + "\n"
+    assert run_cli("-m", tiny, "-p", prompt, "-n", 40, "--display-prompt")[1] == prompt + expected + "\n"
 
 
 def test_streamed_sampled_text_with_split_characters_equals_json_text(tiny):
@@ -117,7 +117,7 @@ def test_streamed_sampled_text_with_split_characters_equals_json_text(tiny):
     options = ["-m", tiny, "-p", PROMPT, "-n", 120, "--temperature", 2, "--seed", 0]
     result = run_json(*options)
     assert any(not is_utf8(enc.decode_single_token_bytes(t)) for t in result["tokens"])
-    assert run_cli(*options)[1] == result["text"] == enc.decode(result["tokens"])
+    assert run_cli(*options)[1] == result["text"] + "\n" == enc.decode(result["tokens"]) + "\n"
 
 
 @pytest.mark.parametrize("n", [6, 7])
@@ -129,7 +129,7 @@ def test_split_emoji_streams_whole(tmp_path, n):
     # an even count ends on a whole emoji; an odd one leaves half of one, shown as U+FFFD like decode() does
     expected = EMOJI * (n // 2) + "\N{REPLACEMENT CHARACTER}" * (n % 2)
     assert result["text"] == expected
-    assert run_cli("-m", path, "-p", EMOJI, "-n", n)[1] == expected
+    assert run_cli("-m", path, "-p", EMOJI, "-n", n)[1] == expected + "\n"
 
 
 # --- options --------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_stop_string_spanning_tokens(tiny):
     start = full["text"].index(stop)
     result = run_json("-m", tiny, "-p", PROMPT, "-n", 24, "--stop", "never there", stop)
     assert result["stop_reason"] == "stop" and result["text"] == full["text"][:start]
-    assert run_cli("-m", tiny, "-p", PROMPT, "-n", 24, "--stop", stop)[1] == result["text"]
+    assert run_cli("-m", tiny, "-p", PROMPT, "-n", 24, "--stop", stop)[1] == result["text"] + "\n"
 
 
 def test_eos_stops_unless_ignored(tmp_path):
@@ -163,6 +163,30 @@ def test_seed_makes_sampling_reproducible(tiny):
                                          eos_token_id=llorch.EOT_TOKEN))
 
 
+def test_an_unseeded_sampled_run_records_the_seed_that_repeats_it(tiny):
+    options = ["-m", tiny, "-p", PROMPT, "-n", 16, "--temperature", 1.5]
+    drawn = run_json(*options)
+    assert isinstance(drawn["seed"], int) and drawn["seed"] >= 0
+    assert untimed(run_json(*options, "--seed", drawn["seed"])) == untimed(drawn)
+    assert run_json(*options[:-2])["seed"] is None   # greedy: no sampler seed to record
+
+
+@pytest.mark.parametrize("options, named", [(["--top-k", 5], "--top-k has"),
+                                            (["--top-p", 0.5, "--seed", 3], "--top-p, --seed have")])
+def test_sampling_options_without_a_temperature_warn_in_one_line(tiny, options, named):
+    code, out, err = run_cli("-m", tiny, "-p", PROMPT, "-n", 4, "--json", *options)
+    assert code == 0 and json.loads(out)["tokens"] == run_json("-m", tiny, "-p", PROMPT, "-n", 4)["tokens"]
+    assert err == f"llorch-run: warning: {named} no effect without --temperature > 0: decoding is greedy\n"
+
+
+def test_more_threads_than_cpus_warn_in_one_line(tiny):
+    too_many = len(os.sched_getaffinity(0)) + 1
+    code, _, err = run_cli("-m", tiny, "-p", PROMPT, "-n", 2, "--json", "--threads", too_many)
+    assert code == 0
+    assert err == (f"llorch-run: warning: --threads {too_many} exceeds the {too_many - 1} CPUs available to this "
+                   "process: the threads would wait for each other\n")
+
+
 def test_threads_option_wins_over_the_environment_and_changes_no_token(tiny):
     env = {"LLORCH_NUM_THREADS": "2"}
     assert json.loads(run_cli("--build-info", env=env)[1])["max_threads"] == 2
@@ -178,6 +202,8 @@ def test_prompt_from_file_stdin_and_ids_equals_prompt_option(tiny, tmp_path):
     assert untimed(run_json("-m", tiny, "-f", prompt_file, "-n", 8)) == expected
     with open(prompt_file, "rb") as stdin:
         assert untimed(run_json("-m", tiny, "-n", 8, stdin=stdin)) == expected
+    with open(prompt_file, "rb") as stdin:
+        assert untimed(run_json("-m", tiny, "-n", 8, "-f", "-", stdin=stdin)) == expected   # -f -: stdin
     ids = ",".join(map(str, expected["prompt_tokens"]))
     assert untimed(run_json("-m", tiny, "--prompt-ids", ids, "-n", 8)) == expected
 
@@ -188,8 +214,8 @@ def test_endoftext_in_a_prompt_is_text_unless_special(tiny):
 
 
 def test_normal_mode_prints_timings_to_stderr(tiny):
-    code, _, err = run_cli("-m", tiny, "-p", PROMPT, "-n", 4)
-    assert code == 0
+    code, out, err = run_cli("-m", tiny, "-p", PROMPT, "-n", 4)
+    assert code == 0 and out.endswith("\n") and out.count("\n") == 1   # with 2>&1 the timings start a line
     for said in ("load time", "prompt eval time", "time to first token", "eval time", "tokens per second",
                  "stop reason      = max_tokens (4 new tokens)"):
         assert said in err
@@ -260,7 +286,7 @@ def bad_inputs_dir(tmp_path_factory, tiny):
 
 
 BAD_INPUTS = {
-    "missing model": (["-m", "{bad}/missing", "-p", "Hi"], "model {bad}/missing: {bad}/missing: no such file"),
+    "missing model": (["-m", "{bad}/missing", "-p", "Hi"], "llorch-run: error: {bad}/missing: no such file or directory\n"),
     "corrupt model": (["-m", "{bad}/corrupt", "-p", "Hi"], "header is not JSON"),
     "corrupt config": (["-m", "{bad}/bad_config", "-p", "Hi"], "config.json: not valid JSON"),
     "prompt too long": (["-m", "{tiny}", "-p", "Hi " * 100, "-n", 40], "exceeds the context of 128 positions"),
@@ -295,6 +321,57 @@ def test_bad_input_exits_2_with_one_line(case, tiny, bad_inputs_dir):
     assert code == 2 and out == ""
     assert err.startswith("llorch-run: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert message.format(**places) in err
+
+
+def test_a_padded_vocabulary_generates_only_ids_the_tokenizer_has(padded_checkpoint):
+    prompt = enc.encode(PROMPT)
+    expected = list(llorch.generate(llorch.load(padded_checkpoint), prompt, 8))
+    assert max(expected) < enc.n_vocab
+    result = run_json("-m", padded_checkpoint, "-p", PROMPT, "-n", 8)
+    assert result["tokens"] == expected and result["text"] == enc.decode(expected)
+    assert run_cli("-m", padded_checkpoint, "-p", PROMPT, "-n", 8)[1] == result["text"] + "\n"
+    sampled = run_json("-m", padded_checkpoint, "-p", PROMPT, "-n", 8, "--temperature", 1, "--seed", 0)["tokens"]
+    assert max(sampled) < enc.n_vocab
+
+
+@pytest.mark.parametrize("options", [[], ["--json"], ["--temperature", 0.9]])
+def test_overflowing_activations_exit_2_naming_the_position(overflowing_checkpoint, options):
+    code, out, err = run_cli("-m", overflowing_checkpoint, "-p", "Hello world", "-n", 4, *options)
+    assert code == 2 and out.strip() == ""
+    assert err == "llorch-run: error: non-finite logits at position 1: the model's activations overflowed\n"
+
+
+def test_overflowing_activations_traced_name_the_first_non_finite_checkpoint(overflowing_checkpoint, tmp_path):
+    code, _, err = run_cli("-m", overflowing_checkpoint, "-p", "Hello world", "-n", 4, "--trace", tmp_path)
+    assert code == 2 and err.endswith("position 1: the model's activations overflowed; "
+                                      "the first non-finite checkpoint is s0.h0.mlp.proj\n")
+    assert np.isfinite(np.load(tmp_path / "s0.h0.mlp.gelu.npy")).all()
+    assert not np.isfinite(np.load(tmp_path / "s0.h0.mlp.proj.npy")).all()
+
+
+def test_the_first_load_shows_its_progress_on_a_terminal(checkpoint, tmp_path):
+    """stderr a terminal (a pseudo-terminal here) and an empty weight cache: the preparing and the caching
+    of the weights are shown on one line, erased before the output; a pipe gets none of it."""
+    path = checkpoint("odd")
+    env = {**TEST_ENV, "LLORCH_CACHE_DIR": str(tmp_path / "cache")}
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(LLORCH_RUN + ["-m", path, "-p", PROMPT, "-n", "2"], env=env,
+                               stdout=subprocess.PIPE, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    try:
+        while chunk := os.read(leader, 4096):
+            shown += chunk
+    except OSError:   # EIO: the process closed the terminal
+        pass
+    finally:
+        os.close(leader)
+    assert process.wait(60) == 0
+    text = shown.decode()
+    assert "llorch-run: preparing the weights: 100% of" in text and "llorch-run: caching the prepared weights: 100%" in text
+    assert "\r\033[K" + "load time" in text.replace("\r\n", "\n")   # erased before the summary
+    code, _, err = run_cli("-m", path, "-p", PROMPT, "-n", 2, env={"LLORCH_CACHE_DIR": str(tmp_path / "piped")})
+    assert code == 0 and "preparing" not in err
 
 
 def test_no_prompt_from_a_terminal_is_an_error(tiny):

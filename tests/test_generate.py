@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import llorch
-from llorch.generate import Session, Step, StopReason
+from llorch.generate import NonFiniteError, Session, Step, StopReason, run
 from llorch.sampling import Sampler
+from llorch.trace import Tracer
 
 enc = llorch.tokenizer()
 EMOJI = [47249, 222]            # "\N{GRINNING FACE}", split inside the character
@@ -65,10 +66,33 @@ def test_bad_logits_and_bad_requests_are_refused(model):
     for bad in (np.nan, np.inf):
         logits = row(5)
         logits[7] = bad
-        with pytest.raises(FloatingPointError, match="non-finite logits"):
+        with pytest.raises(NonFiniteError, match="non-finite logits at position 0"):
             session.take(logits)
     assert session.tokens == []
     with pytest.raises(llorch.ContextError, match="exceeds the context of 128 positions"):
         Session(model, [1] * 100, 29, Sampler())
     with pytest.raises(ValueError, match="stop strings must not be empty"):
         Session(model, [1], 4, Sampler(), stop=[""])
+
+
+def test_ids_past_the_tokenizer_of_a_padded_vocabulary_are_never_chosen(padded_checkpoint):
+    padded = llorch.load(padded_checkpoint)
+    assert padded.config.vocab_size == 50304
+    prompt = enc.encode("Hello world")
+    logits = padded.forward(prompt, padded.new_cache(), logits="last")[0]
+    assert logits[enc.n_vocab:].min() > logits[:enc.n_vocab].max()   # unmasked, a padding id would win
+    for sampler in (Sampler(), Sampler(temperature=1.0, seed=0)):
+        tokens = list(llorch.generate(padded, prompt, 8, sampler))
+        assert len(tokens) == 8 and max(tokens) < enc.n_vocab
+
+
+def test_overflowing_activations_raise_naming_the_position_and_the_checkpoint(overflowing_checkpoint):
+    overflowing = llorch.load(overflowing_checkpoint)
+    prompt = [464, 3139, 286]
+    for sampler in (Sampler(), Sampler(temperature=0.8, seed=1)):   # greedy and sampled alike
+        with pytest.raises(NonFiniteError, match="^non-finite logits at position 2: .*overflowed$"):
+            list(llorch.generate(overflowing, prompt, 4, sampler))
+    tracer = Tracer()
+    with pytest.raises(NonFiniteError, match="position 2: .*first non-finite checkpoint is s0.h0.mlp.proj$"):
+        list(run(overflowing, Session(overflowing, prompt, 4, Sampler()), tracer))
+    assert np.isfinite(tracer.get("mlp.gelu", 0)).all() and not np.isfinite(tracer.get("mlp.proj", 0)).all()

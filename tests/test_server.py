@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.server
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -517,3 +518,41 @@ def test_sigterm_past_the_grace_period_cancels_jobs_and_exits_zero(small_daemon)
         name, error = running.result(30).terminal
     assert name == "error" and error["code"] == "CANCELLED"
     assert small_daemon.process.wait(30) == 0
+
+
+# ---- checkpoints a GPT-2 tokenizer does not fully cover, or that overflow ----
+
+def test_a_padded_vocabulary_streams_only_ids_the_tokenizer_has(padded_checkpoint, tmp_path):
+    prompt = "The quick brown fox"
+    expected = enc.decode(list(llorch.generate(llorch.load(padded_checkpoint), enc.encode(prompt), 8)))
+    padded = Daemon(padded_checkpoint, tmp_path / "daemon.log")
+    try:
+        for options in ({}, {"temperature": 1.0, "seed": 3}):
+            stream = execute(padded.url, job(f"padded-{len(options)}", prompt, max_tokens=8, **options))
+            assert stream.terminal[0] == "end" and len(stream.tokens) == 8, stream.events
+        assert stream.terminal[1]["stop_reason"] == "MAX_TOKENS"
+        assert execute(padded.url, job("padded-greedy", prompt, max_tokens=8)).text == expected
+    finally:
+        assert padded.stop() == 0
+
+
+def test_overflowing_activations_end_the_job_with_non_finite_logits(overflowing_checkpoint, tmp_path):
+    overflowing = Daemon(overflowing_checkpoint, tmp_path / "daemon.log")
+    try:
+        for options in ({}, {"temperature": 1.0, "seed": 3}):
+            name, data = execute(overflowing.url, job(f"overflow-{len(options)}", "The quick brown fox",
+                                                      **options)).terminal
+            assert name == "error" and data["code"] == "NON_FINITE_LOGITS", data
+            assert data["message"].startswith("non-finite logits at position 3:")
+        assert overflowing.health()["model_loaded"]   # the worker goes on serving
+    finally:
+        assert overflowing.stop() == 0
+
+
+def test_more_threads_than_cpus_are_logged_as_a_warning(model_path, tmp_path):
+    too_many = len(os.sched_getaffinity(0)) + 1
+    daemon = Daemon(model_path, tmp_path / "daemon.log", "--threads", str(too_many))
+    try:
+        assert f"WARNING llorch.server: --threads {too_many} exceeds the {too_many - 1} CPUs available" in daemon.log()
+    finally:
+        assert daemon.stop() == 0

@@ -163,3 +163,17 @@ def test_stale_partials_are_swept_and_live_writers_kept(checkpoint, cache_dir):
     left = cached_files(cache_dir)
     assert sorted(n for n in left if n.endswith(".partial")) == sorted(n for n, f in partials.items() if f == "kept")
     assert sum(n.endswith(".safetensors") for n in left) == 1
+
+
+def test_the_first_load_reports_each_tensor_prepared_and_cached(checkpoint, cache_dir):
+    path = checkpoint("odd")
+    reports: list[tuple[str, int, int]] = []
+    model = llorch.load(path, progress=lambda stage, done, total: reports.append((stage, done, total)))
+    n_tensors, nbytes = len(model.weights.tensors()), model.weight_bytes
+    for stage in ("preparing the weights", "caching the prepared weights"):
+        done = [d for s, d, total in reports if s == stage and total == nbytes]
+        assert len(done) == n_tensors and done == sorted(done) and done[-1] == nbytes, stage
+    assert [stage for stage, _, _ in reports] == sorted(stage for stage, _, _ in reports)[::-1]   # preparing first
+    reports.clear()
+    np.testing.assert_array_equal(logits(llorch.load(path, progress=reports.append)), logits(model))
+    assert reports == []   # a load from the cache is quick: nothing to report

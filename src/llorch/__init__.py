@@ -8,7 +8,7 @@
 
 from .version import __version__
 from .config import CheckpointError, GPT2Config
-from .generate import Session, StopReason, generate
+from .generate import NonFiniteError, Session, StopReason, generate
 from .model import GPT2, ContextError, KVCache, load
 from .runtime import build_info, configure_from_env, select_simd, set_num_threads
 from .sampling import Sampler
@@ -16,5 +16,5 @@ from .tokenizer import EOT_TOKEN, tokenizer
 
 configure_from_env()
 
-__all__ = ["GPT2", "GPT2Config", "CheckpointError", "ContextError", "EOT_TOKEN", "KVCache", "Sampler", "Session",
+__all__ = ["GPT2", "GPT2Config", "CheckpointError", "ContextError", "EOT_TOKEN", "KVCache", "NonFiniteError", "Sampler", "Session",
            "StopReason", "build_info", "generate", "load", "select_simd", "set_num_threads", "tokenizer"]

@@ -20,6 +20,7 @@ import mmap
 import os
 import struct
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -232,8 +233,10 @@ def _check_same_tensor(first: tuple[SafetensorsFile, str], second: tuple[Safeten
                               f"contents; keep one of them")
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
-    """Write float32 arrays as a safetensors file, stored as `dtype` (bfloat16: round to nearest even).
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32",
+                      written: Callable[[int], None] | None = None) -> None:
+    """Write float32 arrays as a safetensors file, stored as `dtype` (bfloat16: round to nearest even);
+    written, if given, hears the bytes of tensor data written so far after each tensor.
 
     Written by hand rather than with safetensors.numpy because numpy has no bfloat16; the format is an
     8-byte little-endian header length, a JSON header of dtype/shape/byte offsets, then the raw bytes.
@@ -250,8 +253,11 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], d
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
+        done = 0
         for values in tensors.values():  # one tensor at a time: gpt2-xl need not be copied whole
-            f.write(_encode(np.ascontiguousarray(values, dtype=np.float32), dtype))
+            done += f.write(_encode(np.ascontiguousarray(values, dtype=np.float32), dtype))
+            if written is not None:
+                written(done)
 
 
 def _encode(values: np.ndarray, dtype: str) -> bytes | memoryview:

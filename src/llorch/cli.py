@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 from contextlib import ExitStack
@@ -18,26 +19,30 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import llorch
-from llorch.checkpoint import resolve_weight_files
 from llorch.console import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
-from llorch.generate import Session, run as run_session
+from llorch.generate import NonFiniteError, Session, run as run_session
 from llorch.hub import resolve_model
+from llorch.runtime import threads_beyond_cpus, warn
 from llorch.sampling import Sampler
 from llorch.stream import StopStrings
 from llorch.trace import DirectoryTracer
 
 PROG = "llorch-run"
-LARGE_CHECKPOINT_BYTES = 1 << 30   # smaller checkpoints load too fast to need a progress line
-READ_CHUNK_BYTES = 64 << 20
 
 EPILOG = """\
-prompt: -p PROMPT, -f FILE or, with neither, standard input (one trailing newline of a file or of stdin is
-dropped). Prompts must be UTF-8. "<|endoftext|>" in a prompt is plain text unless --special is given.
+prompt: -p PROMPT, -f FILE (-f -: standard input) or, with neither, standard input (one trailing newline
+of a file or of stdin is dropped). Prompts must be UTF-8. "<|endoftext|>" in a prompt is plain text unless
+--special is given.
 
-output: the continuation is streamed to stdout as it is generated. The prompt is not echoed (so stdout
-is exactly the generated text, for scripts); --display-prompt echoes it first, as llama-cli does. Load
-time, speeds and the stop reason go to stderr. --json prints one JSON object instead: model,
-prompt_tokens, tokens, text, stop_reason (max_tokens | eos | stop) and timings.
+output: the continuation is streamed to stdout as it is generated, then one newline. The prompt is not
+echoed (so stdout is exactly the generated text and a newline, for scripts); --display-prompt echoes it
+first, as llama-cli does. Load time, speeds and the stop reason go to stderr, and on a terminal the first
+load's progress. --json prints one JSON object instead: model, prompt_tokens, tokens, text, stop_reason
+(max_tokens | eos | stop), seed (the sampler's, drawn when --seed is not given, so that --seed SEED
+repeats the run; null when greedy) and timings.
+
+sampling: greedy unless --temperature > 0; --top-k, --top-p and --seed alone only warn that they have no
+effect.
 
 stopping: after N tokens, at <|endoftext|> (unless --ignore-eos; it is not printed), or at a --stop string,
 which may span tokens: the text ends before it, and tokens include the one that completed it.
@@ -48,9 +53,10 @@ gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, openai-community/...) looked up in
 installed (pip install 'llorch[hub]') and HF_HUB_OFFLINE is unset. Offline, a seeded random checkpoint at
 GPT-2's shape: python -m llorch.testing gpt2 /tmp/gpt2-random, then -m /tmp/gpt2-random.
 
-threads: --threads, else LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else all cores.
-exit codes: 0 done, 2 bad input (one line on stderr), 1 internal error (LLORCH_DEBUG=1 shows the
-traceback), 130 interrupted.
+threads: --threads, else LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else all cores; more than the CPUs
+available warns.
+exit codes: 0 done, 2 bad input (one line on stderr; a model whose activations overflow into non-finite
+logits too), 1 internal error (LLORCH_DEBUG=1 shows the traceback), 130 interrupted.
 """
 
 
@@ -60,7 +66,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("-m", "--model", default="gpt2", help="directory, .safetensors file or hub id (default: gpt2)")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("-p", "--prompt", help="the prompt text")
-    prompt.add_argument("-f", "--file", help="read the prompt from this UTF-8 file")
+    prompt.add_argument("-f", "--file", help="read the prompt from this UTF-8 file (-: standard input)")
     prompt.add_argument("--prompt-ids", type=token_ids, metavar="ID,ID,...", help="the prompt as token ids")
     parser.add_argument("-n", "--max-new-tokens", type=int_at_least(1), default=32, metavar="N",
                         help="tokens to generate at most (default: 32)")
@@ -90,14 +96,14 @@ def read_prompt(args: argparse.Namespace, encoding) -> tuple[str, list[int]]:
         return encoding.decode(args.prompt_ids), args.prompt_ids
     if args.prompt is not None:
         text = utf8_prompt(os.fsencode(args.prompt), "the -p prompt")
-    elif args.file is not None:
+    elif args.file is not None and args.file != "-":
         try:
             with open(args.file, "rb") as f:
                 raw = f.read()
         except OSError as e:
             raise ValueError(f"cannot read prompt file {args.file}: {e.strerror}") from None
         text = drop_final_newline(utf8_prompt(raw, f"prompt file {args.file}"))
-    elif sys.stdin is None or sys.stdin.isatty():
+    elif sys.stdin is None or (args.file is None and sys.stdin.isatty()):
         raise ValueError("no prompt: give -p PROMPT, -f FILE or --prompt-ids, or pipe the prompt to stdin")
     else:
         text = drop_final_newline(utf8_prompt(sys.stdin.buffer.read(), "the prompt on stdin"))
@@ -117,30 +123,45 @@ def drop_final_newline(text: str) -> str:
     return text[:-1].removesuffix("\r") if text.endswith("\n") else text
 
 
-def read_with_progress(model_path: str) -> None:
-    """Read a large checkpoint's files once with a progress line, when stderr is a terminal: the forward
-    passes then find the memory-mapped weights in the page cache instead of waiting on the disk."""
-    if not sys.stderr.isatty():
-        return
-    _, files = resolve_weight_files(model_path)
-    total = sum(os.path.getsize(path) for path in files)
-    if total < LARGE_CHECKPOINT_BYTES:
-        return
-    chunk, done = bytearray(READ_CHUNK_BYTES), 0
-    for path in files:
-        try:
-            with open(path, "rb", buffering=0) as f:
-                while count := f.readinto(chunk):
-                    done += count
-                    sys.stderr.write(f"\rloading {path}: {done / total:4.0%} of {total / 1e9:.1f} GB")
-        except OSError as e:
-            raise llorch.CheckpointError(f"{path}: {e.strerror}") from None
-    sys.stderr.write("\r\033[K")   # erase the progress line
+class ProgressLine:
+    """The load's progress (llorch.load's progress callback) on one stderr line, rewritten in place and
+    erased at the end: the first load of a checkpoint prepares its weights and caches them, which takes
+    seconds."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        sys.stderr.write(f"\r\033[K{PROG}: {stage}: {done / total:4.0%} of {total / 1e6:,.0f} MB")
+        sys.stderr.flush()
+        self.shown = True
+
+    def erase(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+
+
+def load_model(model_path: str, show_progress: bool) -> llorch.GPT2:
+    """llorch.load, its progress shown on stderr when show_progress (stderr is a terminal)."""
+    if not show_progress:
+        return llorch.load(model_path)
+    progress = ProgressLine()
+    try:
+        return llorch.load(model_path, progress=progress)
+    finally:
+        progress.erase()
+
+
+def model_error(model: str, error: llorch.CheckpointError) -> str:
+    """The message for a model that cannot be loaded, naming it once: most errors already start with its path."""
+    message = str(error)
+    return message if message.startswith(model) else f"model {model}: {message}"
 
 
 def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None) -> float:
-    """Run the session, passing each piece of text to show as soon as it is released. Returns when the
-    prompt pass started (perf_counter)."""
+    """Run the session, passing each piece of text to show as soon as it is released, then a newline however
+    it ends (so that the text never runs into what follows on the terminal). Returns when the prompt pass
+    started (perf_counter)."""
     started = time.perf_counter()
     try:
         for step in run_session(model, session, tracer):
@@ -148,6 +169,8 @@ def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], N
     except KeyboardInterrupt:
         show(session.flush())   # the text held back
         raise
+    finally:
+        show("\n")
     return started
 
 
@@ -186,6 +209,8 @@ def write_stdout(text: str) -> None:
 
 def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
     if args.threads:
+        if (too_many := threads_beyond_cpus(args.threads)) is not None:
+            warn(f"--threads {args.threads} {too_many}", PROG)
         llorch.set_num_threads(args.threads)
     if args.build_info:
         print(json.dumps(llorch.build_info(), indent=2))
@@ -193,18 +218,25 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
     encoding = llorch.tokenizer()
     try:   # every check that needs no model, before a large checkpoint is loaded
         prompt_text, prompt_ids = read_prompt(args, encoding)
-        sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        # an unseeded sampled run draws its seed, so that --json can record it
+        seed = args.seed if args.seed is not None or args.temperature == 0 else secrets.randbits(63)
+        sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
         StopStrings.check(args.stop)
     except ValueError as e:
         parser.error(str(e))
+    if args.temperature == 0:
+        unused = [option for option, value in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                                               ("--seed", args.seed)) if value is not None]
+        if unused:
+            warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without --temperature > 0: "
+                 "decoding is greedy", PROG)
 
     load_started = time.perf_counter()
     try:
         model_path = resolve_model(args.model)
-        read_with_progress(model_path)
-        model = llorch.load(model_path)
+        model = load_model(model_path, show_progress=sys.stderr.isatty())
     except llorch.CheckpointError as e:
-        parser.error(f"model {args.model}: {e}")
+        parser.error(model_error(args.model, e))
     load_s = time.perf_counter() - load_started
 
     eos_token_id = None if args.ignore_eos else llorch.EOT_TOKEN
@@ -223,18 +255,20 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
             parser.error(str(e))
         if streaming and args.display_prompt:
             write_stdout(prompt_text)
-        started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
+        try:
+            started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
+        except NonFiniteError as e:   # the checkpoint's fault: bad input
+            parser.error(str(e))
     timings = Timings.of(load_s, started, session)
 
     if args.json:
         result = {"model": model_path, "prompt_tokens": prompt_ids, "tokens": session.tokens,
-                  "text": session.text, "stop_reason": session.stop_reason.value, "timings": asdict(timings)}
+                  "text": session.text, "stop_reason": session.stop_reason.value,
+                  "seed": seed if args.temperature > 0 else None, "timings": asdict(timings)}
         print(json.dumps(result, ensure_ascii=False))
         return 0
     if not streaming:
-        write_stdout((prompt_text if args.display_prompt else "") + session.text)
-    if sys.stdout.isatty():
-        sys.stderr.write("\n")   # the continuation does not end in a newline: start the summary below it
+        write_stdout((prompt_text if args.display_prompt else "") + session.text + "\n")
     sys.stderr.write(timings.summary(session))
     return 0
 

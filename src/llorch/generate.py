@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from .trace import Tracer
 
 
+class NonFiniteError(FloatingPointError):
+    """The model's logits went non-finite: its activations overflowed (finite but huge weights, or an input
+    they were never meant for). A fault of the checkpoint, not of llorch; the message names the position."""
+
+
 class StopReason(Enum):
     """Why a generation that ran to completion stopped. The values are llorch-run's (--json), the names
     the worker contract's (spec 14)."""
@@ -67,6 +72,9 @@ class Session:
         self.stop_reason: StopReason | None = None
         self.first_token_at = self.last_token_at = 0.0   # perf_counter() when they were sampled
         self._decoder = StreamDecoder(tokenizer())
+        # ids past the tokenizer's (a vocabulary padded to 50304, as nanoGPT and llm.c train) have no text:
+        # they are never chosen, as if their logits were -inf
+        self._n_vocab = tokenizer().n_vocab
 
     @property
     def text(self) -> str:
@@ -78,13 +86,20 @@ class Session:
         """The stop string that ended the generation, if one did."""
         return self._stops.matched
 
+    @property
+    def position(self) -> int:
+        """The sequence position whose logits the next take() reads: the last token's so far."""
+        return len(self.prompt_ids) + len(self.tokens) - 1
+
     def take(self, logits: np.ndarray) -> Step:
-        """The next token from this sequence's logits row [V] and what it releases. Raises
-        FloatingPointError on non-finite logits, ValueError if the sampler fails."""
+        """The next token from this sequence's logits row [V] and what it releases. Raises NonFiniteError
+        on non-finite logits, ValueError if the sampler fails."""
         if self.stop_reason is not None:
             raise RuntimeError(f"the generation has stopped ({self.stop_reason.value})")
+        logits = logits[:self._n_vocab]
         if not np.isfinite(logits).all():
-            raise FloatingPointError("the model produced non-finite logits")
+            raise NonFiniteError(f"non-finite logits at position {self.position}: the model's activations "
+                                 "overflowed")
         token = self.sampler(logits, self._seen)
         self.last_token_at = time.perf_counter()
         if not self.tokens:
@@ -110,10 +125,16 @@ class Session:
 
 def run(model: GPT2, session: Session, tracer: Tracer | None = None) -> Iterator[Step]:
     """Drive one session alone: the prompt pass, then one decode pass per token, each Step yielded as soon as
-    it is sampled, up to the one with a stop reason. A tracer sees every pass."""
+    it is sampled, up to the one with a stop reason. A tracer sees every pass; a NonFiniteError then names the
+    first checkpoint that went non-finite."""
     logits = model.forward(session.prompt_ids, session.cache, logits="last", tracer=tracer)
     while True:
-        step = session.take(logits[0])
+        try:
+            step = session.take(logits[0])
+        except NonFiniteError as e:
+            if tracer is None or tracer.first_non_finite is None:
+                raise
+            raise NonFiniteError(f"{e}; the first non-finite checkpoint is {tracer.first_non_finite}") from None
         yield step
         if step.stop_reason is not None:
             return

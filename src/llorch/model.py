@@ -22,7 +22,7 @@ from . import weight_cache
 from .checkpoint import load_weights, resolve_weight_files
 from .config import GPT2Config
 from .trace import NULL_TRACER, Tracer
-from .weights import Block, Weights, prepared_shapes
+from .weights import Block, Progress, Weights, prepared_shapes
 
 
 # Rows per pass of a long prompt. A pass's activations grow with its rows (~17 MB for 512 rows at 124M);
@@ -256,12 +256,14 @@ class GPT2:
         tracer.record("attn.y", i, a.y)
 
 
-def load(path: str | os.PathLike) -> GPT2:
+def load(path: str | os.PathLike, *, progress: Progress | None = None) -> GPT2:
     """A GPT-2 from a Hugging Face directory (config.json + model.safetensors) or a .safetensors file
     with its config.json beside it. Raises CheckpointError with a message naming what is wrong.
 
     The prepared weights are cached on disk (llorch.weight_cache): a later load of the same files maps
-    them instead of preparing them again."""
+    them instead of preparing them again. progress(stage, done_bytes, total_bytes), if given, is called
+    after each tensor prepared and each tensor cached (what takes seconds on a first load); a load from the
+    cache does not call it."""
     path = os.fspath(path)
     config_path, files = resolve_weight_files(path)
     config = GPT2Config.from_json(config_path)
@@ -270,7 +272,7 @@ def load(path: str | os.PathLike) -> GPT2:
     prepared = weight_cache.read(cached, prepared_shapes(config)) if cached else None
     if prepared is not None:
         return GPT2(config, Weights.from_prepared(prepared, config), name=name)
-    weights = Weights.prepare(load_weights(files, config), config)
+    weights = Weights.prepare(load_weights(files, config), config, progress)
     if cached:
-        weight_cache.write(cached, weights.tensors())
+        weight_cache.write(cached, weights.tensors(), progress)
     return GPT2(config, weights, name=name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 
 from . import _kernels
 from .version import __version__
@@ -14,6 +14,20 @@ def set_num_threads(n: int) -> None:
     _kernels.set_num_threads(n)
 
 
+def warn(message: str, prog: str = "llorch") -> None:
+    """One line on stderr, `prog: warning: message`: something the user should know, not a reason to stop."""
+    sys.stderr.write(f"{prog}: warning: {message}\n")
+
+
+def threads_beyond_cpus(n: int) -> str | None:
+    """Why n threads are too many here, if they are: more than the CPUs this process may run on
+    (os.sched_getaffinity) only makes OpenMP's threads wait for each other."""
+    available = len(os.sched_getaffinity(0))
+    if n > available:
+        return f"exceeds the {available} CPUs available to this process: the threads would wait for each other"
+    return None
+
+
 def select_simd(name: str) -> None:
     """Kernel SIMD path: "auto" (the best this CPU runs), "baseline", "avx2" or "avx512"."""
     _kernels.select_simd(name)
@@ -22,20 +36,20 @@ def select_simd(name: str) -> None:
 def configure_from_env() -> None:
     """Apply LLORCH_NUM_THREADS (over OMP_NUM_THREADS, which OpenMP reads itself) and LLORCH_SIMD.
 
-    Runs at import, so a bad value is a warning naming the variable, not an exception; `--threads`
-    on the command line is applied later and wins."""
+    Runs at import, so a bad value is a one-line warning on stderr naming the variable, not an exception;
+    `--threads` on the command line is applied later and wins."""
     threads = os.environ.get("LLORCH_NUM_THREADS")
     if threads:
         try:
             set_num_threads(int(threads))
         except ValueError:
-            warnings.warn(f"LLORCH_NUM_THREADS={threads!r} ignored: expected a positive integer", stacklevel=2)
+            warn(f"LLORCH_NUM_THREADS={threads!r} ignored: expected a positive integer")
     simd = os.environ.get("LLORCH_SIMD")
     if simd:
         try:
             select_simd(simd)
         except ValueError as e:
-            warnings.warn(f"LLORCH_SIMD={simd!r} ignored: {e}", stacklevel=2)
+            warn(f"LLORCH_SIMD={simd!r} ignored: {e}")
 
 
 def build_info() -> dict:

@@ -26,7 +26,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from .generate import Session, StopReason
+from .generate import NonFiniteError, Session, StopReason
 from .model import GPT2
 from .runtime import build_info, configure_from_env, set_num_threads
 from .sampling import Sampler
@@ -62,7 +62,8 @@ class JobEnded:
 
 class FailureCode(Enum):
     CANCELLED = "CANCELLED"                 # by request, a client that left, or shutdown
-    INFERENCE_FAILED = "INFERENCE_FAILED"   # its logits or sampling went wrong; the other jobs go on
+    INFERENCE_FAILED = "INFERENCE_FAILED"   # its forward pass or sampling went wrong; the other jobs go on
+    NON_FINITE_LOGITS = "NON_FINITE_LOGITS"  # the model's activations overflowed; the other jobs go on
 
 
 @dataclass(frozen=True)
@@ -299,8 +300,8 @@ class Scheduler:
         """The job's next token from its row; its end when a stop rule fires, its failure on bad logits."""
         try:
             step = job.session.take(logits)
-        except FloatingPointError as e:
-            job.fail(FailureCode.INFERENCE_FAILED, str(e))
+        except NonFiniteError as e:
+            job.fail(FailureCode.NON_FINITE_LOGITS, str(e))
             return
         except ValueError as e:
             job.fail(FailureCode.INFERENCE_FAILED, f"sampling failed: {e}")

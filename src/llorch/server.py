@@ -36,6 +36,7 @@ import llorch
 from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
 from llorch.generate import StopReason
 from llorch.hub import resolve_model
+from llorch.runtime import threads_beyond_cpus
 from llorch.sampling import Sampler
 from llorch.scheduler import (FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, Rejected, Scheduler,
                               TokenReleased)
@@ -746,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.api_key:
         log.warning("--api-key is visible to every local user (ps, /proc): prefer --api-key-file or LLORCH_API_KEY")
+    if args.threads and (too_many := threads_beyond_cpus(args.threads)) is not None:
+        log.warning("--threads %d %s", args.threads, too_many)
 
     allowed_hosts = split_list(args.allowed_hosts) or {args.host.lower(), *LOOPBACK_NAMES}
     policy = http_guard.Policy(api_key=api_key, cors_origins=split_list(args.cors_origins),

@@ -135,6 +135,7 @@ class Tracer:
         self.step = -1
         self.start_pos = self.n_tokens = 0  # of the current pass
         self.records: list[TraceRecord] = []
+        self.first_non_finite: str | None = None   # the key of the first checkpoint holding NaN or inf
 
     def start_forward(self, start_pos: int, n_tokens: int) -> None:
         self.step += 1
@@ -146,8 +147,16 @@ class Tracer:
             raise RuntimeError(f"tracer.record({name!r}, ...) before any tracer.start_forward(start_pos, T)")
         return checkpoint_key(name, layer, self.step)
 
+    def note_finiteness(self, key: str, name: str, value: np.ndarray) -> None:
+        """Remember the first checkpoint with a NaN or an infinity (the masked -inf of attn.scores aside)."""
+        if self.first_non_finite is None:
+            value = np.asarray(value)
+            bad = np.isnan(value) | np.isposinf(value) if name == "attn.scores" else ~np.isfinite(value)
+            if bad.any():
+                self.first_non_finite = key
+
     def record(self, name: str, layer: int | None, value: np.ndarray) -> None:
-        self.key(name, layer)
+        self.note_finiteness(self.key(name, layer), name, value)
         self.records.append(TraceRecord(name, layer, self.step, np.array(value, copy=True)))
 
     def get(self, name: str, layer: int | None = None, step: int = 0) -> np.ndarray:
@@ -190,7 +199,9 @@ class DirectoryTracer(Tracer):
         self._jsonl = open(os.path.join(self.directory, "trace.jsonl"), "w", encoding="utf-8")
 
     def record(self, name: str, layer: int | None, value: np.ndarray) -> None:
-        np.save(os.path.join(self.directory, self.key(name, layer) + ".npy"), np.asarray(value))
+        key = self.key(name, layer)
+        self.note_finiteness(key, name, value)
+        np.save(os.path.join(self.directory, key + ".npy"), np.asarray(value))
         line = summary_line(name, layer, self.step, value, start_pos=self.start_pos, T=self.n_tokens)
         self._jsonl.write(json.dumps(line) + "\n")
         self._jsonl.flush()  # a crashed run still leaves a readable prefix

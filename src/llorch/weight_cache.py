@@ -32,6 +32,7 @@ import numpy as np
 from . import _kernels as K
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import CheckpointError
+from .weights import Progress
 
 PARTIAL_SUFFIX = ".partial"
 STALE_PARTIAL_SECONDS = 3600
@@ -98,9 +99,14 @@ def read(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]
     return {name: cached.tensor(name) for name in shapes}
 
 
-def write(path: str, tensors: dict[str, np.ndarray]) -> None:
+def write(path: str, tensors: dict[str, np.ndarray], progress: Progress | None = None) -> None:
     """Store tensors at path, best effort: any OS error (read-only directory, full disk) leaves no file, and
-    any other exception (KeyboardInterrupt too) leaves none before it propagates."""
+    any other exception (KeyboardInterrupt too) leaves none before it propagates.
+    progress, if given, hears of each tensor written (stage "caching the prepared weights")."""
+    written = None
+    if progress is not None:
+        total = sum(t.nbytes for t in tensors.values())
+        written = lambda done: progress("caching the prepared weights", done, total)   # noqa: E731
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
@@ -110,7 +116,7 @@ def write(path: str, tensors: dict[str, np.ndarray]) -> None:
         return
     try:
         os.close(fd)
-        write_safetensors(temporary, tensors)
+        write_safetensors(temporary, tensors, written=written)
         os.replace(temporary, path)
     except OSError:
         return

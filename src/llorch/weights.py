@@ -13,6 +13,7 @@ matrices flat (`prepared_shapes`), and `Weights.from_prepared` takes them back w
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,9 @@ from .checkpoint import BLOCK_TENSORS, expected_shapes
 from .config import GPT2Config
 
 PACKED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# progress(stage, done, total): how far a load is, in bytes, called after each tensor (llorch.load's argument)
+Progress = Callable[[str, int, int], None]
 
 
 def attribute(name: str) -> str:
@@ -51,12 +55,27 @@ class Weights:
     ln_f_b: np.ndarray
 
     @classmethod
-    def prepare(cls, checkpoint: dict[str, np.ndarray], config: GPT2Config) -> "Weights":
-        """From a checkpoint's tensors by HF name (llorch.checkpoint.load_weights): matrices packed, wte copied."""
-        wte = _copied(checkpoint["wte.weight"])
-        blocks = [Block({name: _packed(checkpoint[f"h.{i}.{name}"]) if name in PACKED else checkpoint[f"h.{i}.{name}"]
-                         for name in BLOCK_TENSORS}) for i in range(config.n_layer)]
-        return cls(wte, checkpoint["wpe.weight"], blocks, checkpoint["ln_f.weight"], checkpoint["ln_f.bias"])
+    def prepare(cls, checkpoint: dict[str, np.ndarray], config: GPT2Config,
+                progress: Progress | None = None) -> "Weights":
+        """From a checkpoint's tensors by HF name (llorch.checkpoint.load_weights): matrices packed, wte copied.
+        progress, if given, hears of each tensor prepared (stage "preparing the weights")."""
+        total, done = sum(checkpoint[name].nbytes for name in expected_shapes(config)), 0
+
+        def prepared(name: str) -> np.ndarray:
+            nonlocal done
+            weight = checkpoint[name]
+            if name == "wte.weight":
+                weight = _copied(weight)
+            elif name.startswith("h.") and name.endswith(PACKED):
+                weight = _packed(weight)
+            done += weight.nbytes
+            if progress is not None:
+                progress("preparing the weights", done, total)
+            return weight
+
+        wte = prepared("wte.weight")
+        blocks = [Block({name: prepared(f"h.{i}.{name}") for name in BLOCK_TENSORS}) for i in range(config.n_layer)]
+        return cls(wte, prepared("wpe.weight"), blocks, prepared("ln_f.weight"), prepared("ln_f.bias"))
 
     @classmethod
     def from_prepared(cls, tensors: dict[str, np.ndarray], config: GPT2Config) -> "Weights":
