@@ -228,3 +228,17 @@ def test_tokenize_and_detokenize_as_llama_cpp(daemon):
     assert httpx.post(daemon.url + "/detokenize", json={"tokens": tokens}, headers=auth).json() == {"content": text}
     assert httpx.post(daemon.url + "/tokenize", json={"content": text}).status_code == 401
     assert httpx.post(daemon.url + "/detokenize", json={"tokens": [50257]}, headers=auth).status_code == 400
+
+
+def test_a_client_leaving_a_streamed_n_request_cancels_every_completion(daemon):
+    body = {"prompt": PROMPT, "max_tokens": 1000 - len(enc.encode(PROMPT)), "n": 3, "stream": True,
+            "temperature": 1.0}
+    cancelled_before = daemon.log().count("CANCELLED")
+    with httpx.stream("POST", daemon.url + "/v1/completions", json=body, timeout=60.0,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()   # held: dropping the iterator closes the response
+        assert next(lines).startswith("data: ")
+        assert daemon.health()["active_jobs"] == 3
+    assert daemon.wait_idle()["active_jobs"] == 0
+    assert daemon.log().count("CANCELLED") == cancelled_before + 3

@@ -545,7 +545,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def unknown_v1(request: Request) -> Response:
     return openai_error(404, f"{request.method} {request.url.path} is not served here: llorch-cpud serves "
-                        "/v1/completions, /v1/models and /v1/models/{id}", None, "unknown_url")
+                        "POST /v1/completions, GET /v1/models and GET /v1/models/{id}", None, "unknown_url")
 
 
 def is_token_id(value: object) -> bool:
@@ -759,24 +759,25 @@ async def completions(request: Request) -> Response:
             def chunk(index: int, text: str, logprobs: dict | None, reason: str | None) -> str:
                 return sse(None, {**head, **extra, "choices": [
                     {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}]})
-            async for index, event in job_events(worker, completion):
-                choice = choices[index]
-                first = isinstance(event, TokenReleased) and event.index == 0
-                if first and params["echo"]:
-                    scored = echo_logprobs(encoding, choice) if choice.prompt_scored else None
-                    yield chunk(index, choice.prompt.text, scored, None)
-                choice.add(event)
-                if isinstance(event, TokenReleased) and (event.text or params["logprobs"] is not None):
-                    logprobs = None
-                    if params["logprobs"] is not None:
-                        offset = len(choice.prompt.text) + len(choice.text) - len(event.text)
-                        logprobs = logprobs_payload(encoding, [event.token], [event.logprob],
-                                                    [event.top_logprobs], offset)
-                    yield chunk(index, event.text, logprobs, None)
-                elif isinstance(event, JobEnded):
-                    yield chunk(index, "", None, finish_reason(event.stop_reason))
-                elif isinstance(event, JobFailed):
-                    yield sse(None, http_guard.openai_error_body(500, event.message, code=event.code.value))
+            async with contextlib.aclosing(job_events(worker, completion)) as events:
+                async for index, event in events:
+                    choice = choices[index]
+                    first = isinstance(event, TokenReleased) and event.index == 0
+                    if first and params["echo"]:
+                        scored = echo_logprobs(encoding, choice) if choice.prompt_scored else None
+                        yield chunk(index, choice.prompt.text, scored, None)
+                    choice.add(event)
+                    if isinstance(event, TokenReleased) and (event.text or params["logprobs"] is not None):
+                        logprobs = None
+                        if params["logprobs"] is not None:
+                            offset = len(choice.prompt.text) + len(choice.text) - len(event.text)
+                            logprobs = logprobs_payload(encoding, [event.token], [event.logprob],
+                                                        [event.top_logprobs], offset)
+                        yield chunk(index, event.text, logprobs, None)
+                    elif isinstance(event, JobEnded):
+                        yield chunk(index, "", None, finish_reason(event.stop_reason))
+                    elif isinstance(event, JobFailed):
+                        yield sse(None, http_guard.openai_error_body(500, event.message, code=event.code.value))
             if completion.include_usage:
                 yield sse(None, {**head, "choices": [], "usage": usage(completion, choices)})
             yield sse(None, "[DONE]")
@@ -788,10 +789,11 @@ async def completions(request: Request) -> Response:
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def complete() -> Response:
-        async for index, event in job_events(worker, completion):
-            choices[index].add(event)
-            if isinstance(event, JobFailed):
-                return openai_error(503 if event.code == FailureCode.CANCELLED else 500, event.message)
+        async with contextlib.aclosing(job_events(worker, completion)) as events:
+            async for index, event in events:
+                choices[index].add(event)
+                if isinstance(event, JobFailed):
+                    return openai_error(503 if event.code == FailureCode.CANCELLED else 500, event.message)
         answers = []
         for first in range(0, len(choices), completion.best_of):
             ranked = choices[first:first + completion.best_of]
