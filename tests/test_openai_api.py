@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import llorch
-from llorch.testing import make_checkpoint
 
-from test_server import LONG_TINY, Daemon
+from test_server import Daemon, model, model_path   # noqa: F401  (fixtures: the tiny checkpoint, loaded in-process)
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -20,19 +19,6 @@ httpx = pytest.importorskip("httpx")
 KEY = "openai-test-key-41d2"
 enc = llorch.tokenizer()
 PROMPT = "The OpenAI client says"
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("long-tiny"), LONG_TINY)
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    threads = llorch.build_info()["max_threads"]
-    llorch.set_num_threads(1)
-    yield llorch.load(model_path)
-    llorch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
