@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from .logits import LogitsProcessor, TopLogprobs, score
 from .sampling import Sampler
 from .stream import StopStrings, StreamDecoder
 from .tokenizer import EOT_TOKEN, tokenizer
@@ -50,6 +51,8 @@ class Step:
     token: int
     text: str
     stop_reason: StopReason | None
+    logprob: float | None = None                      # log p of token, when the Session computes log-probs
+    top_logprobs: TopLogprobs = ()                    # the most likely (id, log p), most likely first
 
 
 class Session:
@@ -58,11 +61,16 @@ class Session:
 
     Every token counts towards max_new_tokens and is kept in `tokens`, eos and the token that completes a
     stop string included; neither releases text of its own. The final Step also releases the text held
-    back (an unfinished character as U+FFFD, the start of a stop string that did not complete)."""
+    back (an unfinished character as U+FFFD, the start of a stop string that did not complete).
+
+    A processor (llorch.logits) changes each row before the sampler sees it. With logprobs=N (0 or more),
+    each Step also carries the token's log-prob and the N most likely tokens', from the processed row."""
 
     def __init__(self, model: GPT2, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler, *,
-                 eos_token_id: int | None = EOT_TOKEN, stop: Sequence[str] = ()) -> None:
+                 eos_token_id: int | None = EOT_TOKEN, stop: Sequence[str] = (),
+                 processor: LogitsProcessor | None = None, logprobs: int | None = None) -> None:
         model.check_request(prompt_ids, max_new_tokens)
+        self.processor, self.logprobs = processor, logprobs
         self._stops = StopStrings(stop)
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens, self.sampler, self.eos_token_id = max_new_tokens, sampler, eos_token_id
@@ -100,7 +108,10 @@ class Session:
         if not np.isfinite(logits).all():
             raise NonFiniteError(f"non-finite logits at position {self.position}: the model's activations "
                                  "overflowed")
+        if self.processor is not None:
+            logits = self.processor(logits, self.prompt_ids, self.tokens)
         token = self.sampler(logits, self._seen)
+        logprob, top = score(logits, token, self.logprobs) if self.logprobs is not None else (None, ())
         self.last_token_at = time.perf_counter()
         if not self.tokens:
             self.first_token_at = self.last_token_at
@@ -116,7 +127,7 @@ class Session:
                 self.stop_reason = StopReason.MAX_TOKENS
         if self.stop_reason is not None:
             text += self.flush()
-        return Step(token, text, self.stop_reason)
+        return Step(token, text, self.stop_reason, logprob, top)
 
     def flush(self) -> str:
         """The text held back, released: at the end, or when the caller gives up early (Ctrl-C)."""

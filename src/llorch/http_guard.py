@@ -32,7 +32,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("llorch.http")
 
 REFUSAL_LOG_INTERVAL_S = 10.0
-ROUTES = ("/health", "/execute", "/cancel", "/v1/models", "/v1/completions", "/metrics")   # metric labels
+ROUTES = ("/health", "/execute", "/cancel", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+          "/detokenize", "/metrics")   # metric labels
 PUBLIC = {("GET", "/health"), ("HEAD", "/health")}   # a probe answers without the key
 PREFLIGHT = [(b"access-control-allow-methods", b"GET, POST"),   # what a listed origin may send
              (b"access-control-allow-headers", b"Authorization, Content-Type"), (b"access-control-max-age", b"600")]

@@ -13,7 +13,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .scheduler import JobEvent, JobStarted, TokenReleased
+from .scheduler import JobEnded, JobEvent, JobFailed, JobStarted, TokenReleased
 
 # seconds; from a tiny model's sub-millisecond tokens to a long prompt queued behind a full batch
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -68,7 +68,7 @@ class Metrics:
                 else:
                     self.inter_token_latency.observe(now - last_token_at)
                 last_token_at = now
-            else:   # JobEnded or JobFailed
+            elif isinstance(event, (JobEnded, JobFailed)):
                 self.e2e_latency.observe(now - submitted_at)
         return on_event
 

@@ -27,6 +27,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from .generate import NonFiniteError, Session, StopReason
+from .logits import LogitsProcessor, TopLogprobs, score
 from .model import GPT2
 from .runtime import build_info, configure_from_env, set_num_threads
 from .sampling import Sampler
@@ -48,6 +49,16 @@ class TokenReleased:
     index: int      # 0, 1, ... within the job's output
     token: int
     text: str
+    logprob: float | None = None                      # when the job asked for log-probs (Step's)
+    top_logprobs: TopLogprobs = ()
+
+
+@dataclass(frozen=True)
+class PromptScored:
+    """The log-probs of the prompt's tokens after the first under the model (no logits processing), for
+    a job that asked for them; sent after its prompt pass, before its first TokenReleased."""
+    logprobs: tuple[float, ...]
+    top_logprobs: tuple[TopLogprobs, ...]
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class JobFailed:
     message: str
 
 
-JobEvent = Union[JobStarted, TokenReleased, JobEnded, JobFailed]
+JobEvent = Union[JobStarted, PromptScored, TokenReleased, JobEnded, JobFailed]
 
 
 class Rejected(Exception):
@@ -95,6 +106,9 @@ class Job:
     emit: Callable[[JobEvent], None]
     stop: Sequence[str] = ()
     seed: int | None = None                  # reported in the job's log line, so any run can be replayed
+    processor: LogitsProcessor | None = None # the Session's options (llorch.generate)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None       # top-N: PromptScored is sent
     cancel_reason: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     # set by the scheduler thread
@@ -278,12 +292,17 @@ class Scheduler:
         # A fresh cache per job rather than one per slot reused: its pages are resident only as they are
         # written, and dropping it returns them, so memory falls back to the baseline when idle.
         try:
-            job.session = Session(self._model, job.prompt_ids, job.max_tokens, job.sampler, stop=job.stop)
-            logits = self._model.forward(job.prompt_ids, job.session.cache, logits="last")
+            job.session = Session(self._model, job.prompt_ids, job.max_tokens, job.sampler, stop=job.stop,
+                                  processor=job.processor, logprobs=job.logprobs)
+            top_n = job.prompt_logprobs
+            logits = self._model.forward(job.prompt_ids, job.session.cache, logits="last" if top_n is None else "all")
         except (ValueError, FloatingPointError) as e:
             job.fail(FailureCode.INFERENCE_FAILED, str(e))
             return
-        self._take(job, logits[0])
+        if top_n is not None:
+            scores = [score(row, token, top_n) for row, token in zip(logits, job.prompt_ids[1:])]
+            job.emit(PromptScored(tuple(lp for lp, _ in scores), tuple(top for _, top in scores)))
+        self._take(job, logits[-1])
 
     def _decode(self, jobs: list[Job]) -> None:
         try:
@@ -306,7 +325,7 @@ class Scheduler:
         except ValueError as e:
             job.fail(FailureCode.INFERENCE_FAILED, f"sampling failed: {e}")
             return
-        job.emit(TokenReleased(job.tokens_out, step.token, step.text))
+        job.emit(TokenReleased(job.tokens_out, step.token, step.text, step.logprob, step.top_logprobs))
         job.tokens_out += 1
         if step.stop_reason is not None:
             job.finish(self.memory_bytes())

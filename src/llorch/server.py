@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -36,10 +38,11 @@ import llorch
 from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
 from llorch.generate import StopReason
 from llorch.hub import resolve_model
+from llorch.logits import LogitsProcessor, TopLogprobs
 from llorch.runtime import threads_beyond_cpus
 from llorch.sampling import Sampler
-from llorch.scheduler import (FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, Rejected, Scheduler,
-                              TokenReleased)
+from llorch.scheduler import (FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, PromptScored, Rejected,
+                              Scheduler, TokenReleased)
 
 try:
     import httpx
@@ -184,9 +187,14 @@ SAMPLING_FIELDS = (
 )
 EXECUTE_FIELDS = (Field("job_id", "string", 1, required=True), PROMPT,
                   Field("max_tokens", "integer", 1, MAX_NEW_TOKENS, required=True)) + SAMPLING_FIELDS
-COMPLETION_FIELDS = (Field("model", "string"), PROMPT,
+MAX_CHOICES = 16   # completions one request may ask for (prompts x best_of): each is a job
+COMPLETION_FIELDS = (Field("model", "string"),   # prompt, logit_bias and stream_options: start_completion
                      Field("max_tokens", "integer", 1, MAX_NEW_TOKENS, default=16),   # OpenAI's default
-                     Field("n", "integer", 1, 1, default=1), Field("stream", "boolean", default=False),
+                     Field("n", "integer", 1, MAX_CHOICES, default=1), Field("best_of", "integer", 1, MAX_CHOICES),
+                     Field("stream", "boolean", default=False), Field("echo", "boolean", default=False),
+                     Field("logprobs", "integer", 0, 5), Field("suffix", "string"), Field("user", "string"),
+                     Field("presence_penalty", "number", -2, 2, default=0.0),
+                     Field("frequency_penalty", "number", -2, 2, default=0.0),
                      ) + SAMPLING_FIELDS
 CANCEL_FIELDS = (Field("job_id", "string", 1, required=True),)
 
@@ -304,21 +312,26 @@ class Worker:
             return ids, [violation("prompt", "context", str(e))]
         return ids, []
 
-    def new_job(self, job_id: str, params: dict, prompt_ids: list[int]) -> tuple[Job, asyncio.Queue]:
-        """A job from validated params, and the queue its events arrive on, in this event loop."""
+    def new_job(self, job_id: str, params: dict, prompt_ids: list[int], *, seed: int | None = None,
+                logprobs: int | None = None) -> tuple[Job, asyncio.Queue]:
+        """A job from validated params (seed, when given, overrides theirs), and the queue its events arrive
+        on, in this event loop."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: JobEvent) -> None:   # called on the scheduler thread
             with contextlib.suppress(RuntimeError):   # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        seed = params["seed"] if params["seed"] is not None else secrets.randbits(63)
+        if seed is None:
+            seed = params["seed"] if params["seed"] is not None else secrets.randbits(63)
         temperature, top_p = params["temperature"], params["top_p"]
         if top_p == 0:   # top-p with p -> 0 keeps only the most probable token: greedy
             temperature, top_p = 0.0, None
-        sampler = Sampler(temperature, top_k=params["top_k"], top_p=top_p, seed=seed, min_p=params["min_p"],
-                          repetition_penalty=params["repetition_penalty"])
-        job = Job(job_id, prompt_ids, params["max_tokens"], sampler, emit, stop=params["stop"], seed=seed)
+        sampler = Sampler(temperature, top_k=params["top_k"], top_p=top_p, seed=seed, min_p=params["min_p"])
+        processor = LogitsProcessor(params.get("logit_bias"), params.get("presence_penalty", 0.0),
+                                    params.get("frequency_penalty", 0.0), params["repetition_penalty"])
+        job = Job(job_id, prompt_ids, params["max_tokens"], sampler, emit, stop=params["stop"], seed=seed,
+                  processor=processor, logprobs=logprobs)
         return job, events
 
     async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[JobEvent]:
@@ -495,48 +508,279 @@ async def cancel(request: Request) -> JSONResponse:
 
 # ---- OpenAI-style completions ----
 
-def openai_error(status: int, message: str, param: str | None = None) -> Response:
-    return rejection(status, http_guard.openai_error_body(status, message, param),
-                     f"/v1/completions: {param or message}")
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+    return rejection(status, http_guard.openai_error_body(status, message, param, code),
+                     f"OpenAI route: {param or message}")
+
+
+def refused(param: str, message: str, code: str = "invalid_value") -> RequestError:
+    return RequestError(400, [violation(param, code, message)])
 
 
 def finish_reason(stop_reason: StopReason) -> str:
     return "length" if stop_reason == StopReason.MAX_TOKENS else "stop"
 
 
-async def models(request: Request) -> JSONResponse:
+def model_card(request: Request) -> dict:
     worker: Worker = request.app.state.worker
-    return JSONResponse({"object": "list", "data": [
-        {"id": worker.model_name, "object": "model", "created": request.app.state.started, "owned_by": "llorch"}]})
+    return {"id": worker.model_name, "object": "model", "created": request.app.state.started, "owned_by": "llorch"}
+
+
+async def models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [model_card(request)]})
+
+
+async def model_info(request: Request) -> Response:
+    card = model_card(request)
+    if request.path_params["model_id"] != card["id"]:
+        return openai_error(404, f"the model {request.path_params['model_id']!r} does not exist; this worker "
+                            f"serves {card['id']!r}", "model", "model_not_found")
+    return JSONResponse(card)
+
+
+async def chat_completions(request: Request) -> Response:
+    return openai_error(400, "GPT-2 has no chat template: it was trained on plain web text, not on dialogues, so "
+                        "any role format would be made up and answers would silently be poor. Use "
+                        "/v1/completions with a plain-text prompt.", "messages", "chat_not_supported")
+
+
+async def unknown_v1(request: Request) -> Response:
+    return openai_error(404, f"{request.method} {request.url.path} is not served here: llorch-cpud serves "
+                        "POST /v1/completions, GET /v1/models and GET /v1/models/{id}", None, "unknown_url")
+
+
+def is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str          # for echo and text_offset: the string given, or the token ids decoded
+    ids: list[int]
+
+
+def read_prompts(worker: Worker, prompt: object) -> list[Prompt]:
+    """OpenAI's four prompt forms (a string, a list of strings, token ids, a list of token-id lists) as
+    Prompts; RequestError 400 on `prompt`."""
+    def is_ids(item: object) -> bool:
+        return isinstance(item, list) and len(item) > 0 and all(map(is_token_id, item))
+    if prompt is None:
+        raise refused("prompt", "prompt is required", "required")
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise refused("prompt", "prompt must be a string, a list of strings, a list of token ids or a list of "
+                      "token-id lists, none empty", "type")
+    if len(prompts) > MAX_CHOICES:
+        raise refused("prompt", f"at most {MAX_CHOICES} prompts, got {len(prompts)}", "length")
+    vocab_size = worker.scheduler.loaded.result().config.vocab_size
+    result = []
+    for i, item in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            errors = check(PROMPT, item, name)
+            if errors:
+                raise RequestError(400, errors)
+            result.append(Prompt(item, worker.encoding.encode(item, disallowed_special=())))
+        elif len(item) > worker.scheduler.loaded.result().config.n_positions:
+            raise refused(name, f"{name} has {len(item)} tokens, more than the context holds", "context")
+        elif not all(0 <= t < vocab_size for t in item):
+            raise refused(name, f"{name} holds token ids outside 0 to {vocab_size - 1}")
+        else:
+            result.append(Prompt(worker.encoding.decode(item), list(item)))
+    return result
+
+
+def read_logit_bias(bias: object, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as {id: bias}; RequestError 400 on it."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise refused("logit_bias", "logit_bias must be an object mapping token ids to numbers", "type")
+    result = {}
+    for key, value in bias.items():
+        if not (key.isdecimal() and int(key) < vocab_size):
+            raise refused("logit_bias", f"logit_bias key {key!r} is not a token id (0 to {vocab_size - 1})")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100):
+            raise refused("logit_bias", f"logit_bias[{key!r}] must be a number from -100 to 100")
+        result[int(key)] = float(value)
+    return result
+
+
+@dataclass
+class Completion:
+    """A validated /v1/completions request: its params, prompts and the jobs running it, best_of per prompt
+    (job i serves prompt i // best_of)."""
+    params: dict
+    prompts: list[Prompt]
+    best_of: int
+    include_usage: bool
+    jobs: list[tuple[Job, asyncio.Queue]]
+
+
+def start_completion(worker: Worker, body: object, completion_id: str) -> Completion:
+    """Validate a /v1/completions body and submit its jobs; RequestError as accept_job."""
+    reason = worker.unavailable()
+    if reason:
+        raise RequestError(503, [violation("worker", "available", reason)])
+    if isinstance(body, dict) and isinstance(body.get("stop"), str):   # OpenAI also takes one stop string
+        body["stop"] = [body["stop"]]
+    params = validated(body, COMPLETION_FIELDS)
+    if params["suffix"]:
+        raise refused("suffix", "suffix is not supported: GPT-2 was not trained for fill-in-the-middle")
+    n, best_of = params["n"], params["best_of"] or params["n"]
+    if best_of < n:
+        raise refused("best_of", f"best_of ({best_of}) must be at least n ({n})")
+    if params["stream"] and best_of > n:
+        raise refused("best_of", "best_of larger than n cannot be streamed: the best completions are known only "
+                      "once all have ended")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+        raise refused("stream_options", "stream_options must be an object with a boolean include_usage", "type")
+    if options is not None and not params["stream"]:
+        raise refused("stream_options", "stream_options is only allowed when stream is true")
+    model = worker.scheduler.loaded.result()
+    params["logit_bias"] = read_logit_bias(body.get("logit_bias"), model.config.vocab_size)
+    prompts = read_prompts(worker, body.get("prompt"))
+    if len(prompts) * best_of > MAX_CHOICES:
+        raise refused("best_of" if best_of > n else "n", f"prompts x {'best_of' if best_of > n else 'n'} is "
+                      f"{len(prompts) * best_of}, more than the {MAX_CHOICES} completions one request may ask for")
+    for i, prompt in enumerate(prompts):
+        try:
+            model.check_request(prompt.ids, params["max_tokens"])
+        except llorch.ContextError as e:
+            raise refused("prompt" if len(prompts) == 1 else f"prompt[{i}]", str(e), "context") from None
+    # best_of ranks completions by log-prob, so it needs them even when the client does not
+    logprobs = params["logprobs"] if params["logprobs"] is not None or best_of == n else 0
+    seed = params["seed"] if params["seed"] is not None else secrets.randbits(63)
+    completion = Completion(params, prompts, best_of, bool(options and options.get("include_usage")), [])
+    try:
+        for i, prompt in enumerate(prompts):
+            for k in range(best_of):   # each of a prompt's completions draws from its own seed
+                job, queue = worker.new_job(f"{completion_id}-{i}-{k}", params, prompt.ids, seed=seed + k,
+                                            logprobs=logprobs)
+                if params["echo"]:
+                    job.prompt_logprobs = params["logprobs"]
+                worker.scheduler.submit(job)
+                completion.jobs.append((job, queue))
+    except Rejected as e:
+        for job, _ in completion.jobs:
+            worker.scheduler.cancel_job(job, "another completion of the request was refused")
+        raise RequestError(503, [violation("worker", e.reason, str(e))]) from None
+    return completion
+
+
+@dataclass
+class Choice:
+    """One job's output, as it arrives."""
+    prompt: Prompt
+    text: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float | None] = dataclasses.field(default_factory=list)
+    top_logprobs: list[TopLogprobs | None] = dataclasses.field(default_factory=list)
+    prompt_scored: PromptScored | None = None
+    end: JobEnded | JobFailed | None = None
+
+    def add(self, event: JobEvent) -> None:
+        if isinstance(event, PromptScored):
+            self.prompt_scored = event
+        elif isinstance(event, TokenReleased):
+            self.text += event.text
+            self.tokens.append(event.token)
+            self.logprobs.append(event.logprob)
+            self.top_logprobs.append(event.top_logprobs)
+        elif isinstance(event, (JobEnded, JobFailed)):
+            self.end = event
+
+    @property
+    def total_logprob(self) -> float:
+        return sum(self.logprobs)
+
+
+def logprobs_payload(encoding, tokens: list[int], logprobs: list, tops: list, offset: int) -> dict:
+    """OpenAI's logprobs object for these tokens, the first starting at character offset."""
+    strings = [encoding.decode([t]) for t in tokens]
+    offsets = list(itertools.accumulate((len(s) for s in strings[:-1]), initial=offset))
+    return {"tokens": strings, "token_logprobs": logprobs, "text_offset": offsets[: len(strings)],
+            "top_logprobs": [None if top is None else {encoding.decode([t]): lp for t, lp in top} for top in tops]}
+
+
+def echo_logprobs(encoding, choice: Choice) -> dict:
+    """The logprobs of an echoed prompt: the first token has none."""
+    scored = choice.prompt_scored
+    return logprobs_payload(encoding, choice.prompt.ids, [None, *scored.logprobs], [None, *scored.top_logprobs], 0)
+
+
+def usage(completion: Completion, choices: list[Choice]) -> dict:
+    """OpenAI counts every prompt once and every generated token, best_of's discarded ones included."""
+    prompt_tokens = sum(len(prompt.ids) for prompt in completion.prompts)
+    completion_tokens = sum(len(choice.tokens) for choice in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def job_events(worker: Worker, completion: Completion) -> AsyncIterator[tuple[int, JobEvent]]:
+    """Every job's events as (job number, event), interleaved as they arrive, until every job has ended.
+    Leaving early cancels the jobs still running."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def forward(number: int, job: Job, queue: asyncio.Queue) -> None:
+        async for event in worker.events(job, queue):
+            await merged.put((number, event))
+    tasks = [asyncio.ensure_future(forward(i, job, queue)) for i, (job, queue) in enumerate(completion.jobs)]
+    try:
+        ended = 0
+        while ended < len(tasks):
+            number, event = await merged.get()
+            ended += isinstance(event, (JobEnded, JobFailed))
+            yield number, event
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def completions(request: Request) -> Response:
     worker: Worker = request.app.state.worker
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     try:
-        body = await read_json(request)
-        if isinstance(body, dict):   # OpenAI also takes one stop string, and a prompt as a list of one
-            if isinstance(body.get("stop"), str):
-                body["stop"] = [body["stop"]]
-            if isinstance(body.get("prompt"), list) and len(body["prompt"]) == 1:
-                body["prompt"] = body["prompt"][0]
-        job, queue, params = accept_job(worker, body, COMPLETION_FIELDS, job_id=completion_id)
+        completion = start_completion(worker, await read_json(request), completion_id)
     except RequestError as e:
-        return openai_error(e.status, "; ".join(error["message"] for error in e.errors), e.errors[0]["field"])
+        return openai_error(e.status, "; ".join(error["message"] for error in e.errors), e.errors[0]["field"],
+                            e.errors[0]["constraint"])
+    params, encoding = completion.params, worker.encoding
     head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": worker.model_name}
+    choices = [Choice(completion.prompts[i // completion.best_of]) for i in range(len(completion.jobs))]
 
-    def choice(text: str, reason: str | None) -> dict:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
-
-    if params["stream"]:
+    if params["stream"]:   # best_of == n here: job i is choice i
         async def stream() -> AsyncIterator[str]:
-            async for event in worker.events(job, queue):
-                if isinstance(event, TokenReleased) and event.text:
-                    yield sse(None, {**head, "choices": [choice(event.text, None)]})
-                elif isinstance(event, JobEnded):
-                    yield sse(None, {**head, "choices": [choice("", finish_reason(event.stop_reason))]})
-                elif isinstance(event, JobFailed):
-                    yield sse(None, http_guard.openai_error_body(500, event.message, code=event.code.value))
+            extra = {"usage": None} if completion.include_usage else {}
+
+            def chunk(index: int, text: str, logprobs: dict | None, reason: str | None) -> str:
+                return sse(None, {**head, **extra, "choices": [
+                    {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}]})
+            async with contextlib.aclosing(job_events(worker, completion)) as events:
+                async for index, event in events:
+                    choice = choices[index]
+                    first = isinstance(event, TokenReleased) and event.index == 0
+                    if first and params["echo"]:
+                        scored = echo_logprobs(encoding, choice) if choice.prompt_scored else None
+                        yield chunk(index, choice.prompt.text, scored, None)
+                    choice.add(event)
+                    if isinstance(event, TokenReleased) and (event.text or params["logprobs"] is not None):
+                        logprobs = None
+                        if params["logprobs"] is not None:
+                            offset = len(choice.prompt.text) + len(choice.text) - len(event.text)
+                            logprobs = logprobs_payload(encoding, [event.token], [event.logprob],
+                                                        [event.top_logprobs], offset)
+                        yield chunk(index, event.text, logprobs, None)
+                    elif isinstance(event, JobEnded):
+                        yield chunk(index, "", None, finish_reason(event.stop_reason))
+                    elif isinstance(event, JobFailed):
+                        yield sse(None, http_guard.openai_error_body(500, event.message, code=event.code.value))
+            if completion.include_usage:
+                yield sse(None, {**head, "choices": [], "usage": usage(completion, choices)})
             yield sse(None, "[DONE]")
 
         def failure(request_id: str) -> str:
@@ -546,18 +790,58 @@ async def completions(request: Request) -> Response:
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def complete() -> Response:
-        text = []
-        async for event in worker.events(job, queue):
-            if isinstance(event, TokenReleased):
-                text.append(event.text)
-            elif isinstance(event, JobFailed):
-                return openai_error(503 if event.code == FailureCode.CANCELLED else 500, event.message)
-            elif isinstance(event, JobEnded):
-                usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": event.tokens_out,
-                         "total_tokens": len(job.prompt_ids) + event.tokens_out}
-                return JSONResponse({**head, "usage": usage,
-                                     "choices": [choice("".join(text), finish_reason(event.stop_reason))]})
+        async with contextlib.aclosing(job_events(worker, completion)) as events:
+            async for index, event in events:
+                choices[index].add(event)
+                if isinstance(event, JobFailed):
+                    return openai_error(503 if event.code == FailureCode.CANCELLED else 500, event.message)
+        answers = []
+        for first in range(0, len(choices), completion.best_of):
+            ranked = choices[first:first + completion.best_of]
+            if completion.best_of > params["n"]:
+                ranked = sorted(ranked, key=lambda c: c.total_logprob, reverse=True)[: params["n"]]
+            answers += ranked
+        return JSONResponse({**head, "usage": usage(completion, choices),
+                             "choices": [answer(encoding, params, i, choice) for i, choice in enumerate(answers)]})
     return await unless_disconnected(request, complete())
+
+
+def answer(encoding, params: dict, index: int, choice: Choice) -> dict:
+    """One choice of a non-streamed completion."""
+    prompt_text = choice.prompt.text if params["echo"] else ""
+    logprobs = None
+    if params["logprobs"] is not None:
+        logprobs = logprobs_payload(encoding, choice.tokens, choice.logprobs, choice.top_logprobs,
+                                    len(choice.prompt.text))
+        if params["echo"]:
+            prompt = echo_logprobs(encoding, choice)
+            logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
+    return {"text": prompt_text + choice.text, "index": index, "logprobs": logprobs,
+            "finish_reason": finish_reason(choice.end.stop_reason)}
+
+
+async def tokenize(request: Request) -> Response:
+    """llama.cpp's server's /tokenize: {"content": text} -> {"tokens": [ids]}."""
+    worker: Worker = request.app.state.worker
+    try:
+        content = validated(await read_json(request), (Field("content", "string", 0, MAX_PROMPT_CHARS,
+                                                              required=True),))["content"]
+    except RequestError as e:
+        return rejection(e.status, {"errors": e.errors}, f"/tokenize: {e}")
+    return JSONResponse({"tokens": worker.encoding.encode(content, disallowed_special=())})
+
+
+async def detokenize(request: Request) -> Response:
+    """llama.cpp's server's /detokenize: {"tokens": [ids]} -> {"content": text}."""
+    worker: Worker = request.app.state.worker
+    vocab = worker.encoding.n_vocab
+    token = Field("tokens[]", "integer", 0, vocab - 1)
+    try:
+        tokens = validated(await read_json(request), (Field("tokens", "list", 0, MAX_PROMPT_CHARS, required=True,
+                                                            items=token),))["tokens"]
+    except RequestError as e:
+        return rejection(e.status, {"errors": e.errors}, f"/detokenize: {e}")
+    return JSONResponse({"content": worker.encoding.decode(tokens)})
 
 
 async def unless_disconnected(request: Request, answer: Awaitable[Response]) -> Response:
@@ -601,8 +885,13 @@ def create_app(worker: Worker, policy: http_guard.Policy) -> Starlette:
         Route("/execute", execute, methods=["POST"]),
         Route("/cancel", cancel, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model_info, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/{path:path}", unknown_v1, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ], middleware=[Middleware(http_guard.HttpGuard, policy=policy, draining=lambda: worker.draining,
                               on_response=worker.metrics.count_request)])
     app.state.worker = worker
