@@ -31,8 +31,8 @@ from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
 from llorch.generate import StopReason
 from llorch.hub import resolve_model
 from llorch.sampling import Sampler
-from llorch.scheduler import (DEFAULT_CACHE_BYTES, DEFAULT_STEP_TOKENS, FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, Rejected, Scheduler,
-                              TokenReleased)
+from llorch.scheduler import (DEFAULT_CACHE_BYTES, DEFAULT_STEP_TOKENS, FailureCode, Job, JobEnded, JobEvent,
+                              JobFailed, JobStarted, Rejected, Scheduler, TokenReleased)
 
 try:
     import httpx
