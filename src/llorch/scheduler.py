@@ -32,7 +32,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from .generate import Session, StopReason
-from .model import GPT2
+from .model import GPT2, PREFILL_ROWS
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .runtime import build_info, configure_from_env, set_num_threads
 from .sampling import Sampler
@@ -308,19 +308,20 @@ class Scheduler:
         started = time.perf_counter()
         self._retire(cancelled_only=True)
         self._admit()
-        decoding, chunks, budget = [], [], self.step_tokens
+        decoding = [job for job in self._active if not job.finished and not job.prefilling]
+        # the budget bounds the gap between a running stream's tokens; with no stream to hold up, larger
+        # passes read the weights fewer times per prompt row
+        budget = self.step_tokens if decoding else max(self.step_tokens, PREFILL_ROWS)
+        chunks, prompt_rows = [], 0
         for job in self._active:
-            if job.finished:
-                continue
-            if not job.prefilling:
-                decoding.append(job)
-            elif budget and (rows := self._next_chunk(job, budget)):
-                chunks.append((job, rows))
-                budget -= rows
+            if job.prefilling and not job.finished and prompt_rows < budget:
+                if rows := self._next_chunk(job, budget - prompt_rows):
+                    chunks.append((job, rows))
+                    prompt_rows += rows
         if decoding or chunks:
             self._run(decoding, chunks)
         self._retire(cancelled_only=False)
-        log.debug("step: %d decoding, %d prompt rows, %.1f ms", len(decoding), self.step_tokens - budget,
+        log.debug("step: %d decoding, %d prompt rows, %.1f ms", len(decoding), prompt_rows,
                   (time.perf_counter() - started) * 1e3)
 
     def _admit(self) -> None:
