@@ -77,10 +77,12 @@ def aggregate_rate(url: str, jobs: int, tokens: int, tag: str, health_latencies:
     return sum(produced) / (time.perf_counter() - started)
 
 
-def start_daemon(model: str, jobs: int, threads: int | None, log) -> tuple[subprocess.Popen, str]:
+def start_daemon(model: str, jobs: int, threads: int | None, log, options: tuple[str, ...] = ()
+                 ) -> tuple[subprocess.Popen, str]:
+    """llorch-cpud on a free 127.0.0.1 port with --max-batch jobs (and further options), once it is ready."""
     port = free_port()
     command = [sys.executable, "-m", "llorch.server", "--model", model, "--port", str(port),
-               "--max-batch", str(jobs), "--max-queue", str(jobs)]
+               "--max-batch", str(jobs), "--max-queue", str(jobs), *options]
     if threads:
         command += ["--threads", str(threads)]
     daemon = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -97,6 +99,15 @@ def start_daemon(model: str, jobs: int, threads: int | None, log) -> tuple[subpr
     raise RuntimeError(f"llorch-cpud did not become ready; see {log.name}")
 
 
+def default_model() -> str:
+    """The seeded random 124M-shape checkpoint in DEFAULT_MODEL_DIR, made on first use."""
+    if not os.path.exists(os.path.join(DEFAULT_MODEL_DIR, "model.safetensors")):
+        from llorch.testing import make_checkpoint
+        print(f"making a random 124M-shape checkpoint in {DEFAULT_MODEL_DIR} ...", file=sys.stderr)
+        make_checkpoint(DEFAULT_MODEL_DIR, "gpt2", seed=0)
+    return DEFAULT_MODEL_DIR
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help=f"checkpoint (default: a random 124M-shape one in {DEFAULT_MODEL_DIR})")
@@ -106,13 +117,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="the daemon's kernel threads (default: its own default)")
     args = parser.parse_args()
 
-    model = args.model
-    if model is None:
-        model = DEFAULT_MODEL_DIR
-        if not os.path.exists(os.path.join(model, "model.safetensors")):
-            from llorch.testing import make_checkpoint
-            print(f"making a random 124M-shape checkpoint in {model} ...", file=sys.stderr)
-            make_checkpoint(model, "gpt2", seed=0)
+    model = args.model or default_model()
 
     with tempfile.NamedTemporaryFile("w", prefix="llorch-cpud-", suffix=".log", delete=False) as log:
         daemon, url = start_daemon(model, args.jobs, args.threads, log)

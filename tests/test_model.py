@@ -211,3 +211,30 @@ def test_the_trained_model_greedy_equals_hf_and_is_varied(trained_checkpoint):
         ids += ours
         logits, ref = model.forward(ids, model.new_cache()), hf_logits(hf, ids)
         assert np.abs(logits - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_a_mixed_pass_is_bitwise_the_separate_passes(checkpoint):
+    """forward_batch stacks decode rows with prompt chunks split anywhere: each segment's last row, and the
+    cache it leaves, are bitwise what its sequence gets alone."""
+    model = llorch.load(checkpoint("odd"))
+    long_ids = enc.encode(" ".join(PROMPTS) * 3)
+    decoding = []                               # (cache, next token, its logits alone)
+    for prompt in PROMPTS[:2]:
+        ids, cache = enc.encode(prompt), model.new_cache()
+        token = int(np.argmax(model.forward(ids, cache, logits="last")))
+        alone = model.forward([token], cache, logits="last")
+        cache.length = len(ids)
+        decoding.append((cache, token, alone))
+    cold = model.forward(long_ids, model.new_cache(), logits="last")
+    chunked, cut = model.new_cache(), 7         # a chunk that ends anywhere, then the rest beside decode rows
+    first = model.forward_batch([([d[1]], d[0]) for d in decoding[:1]] + [(long_ids[:cut], chunked)])
+    np.testing.assert_array_equal(first[0], decoding[0][2][0])
+    decoding[0][0].length -= 1                  # redo that decode step in the next pass
+    mixed = model.forward_batch([([d[1]], d[0]) for d in decoding] + [(long_ids[cut:], chunked)])
+    np.testing.assert_array_equal(mixed, np.concatenate([d[2] for d in decoding] + [cold]))
+    single = model.new_cache()
+    model.forward(long_ids, single)
+    S = len(long_ids)
+    np.testing.assert_array_equal(chunked.k[:, :, :S], single.k[:, :, :S])
+    with pytest.raises(ValueError, match="same cache"):
+        model.forward_batch([([1], chunked), ([2], chunked)])

@@ -16,6 +16,7 @@ import llorch
 from llorch.config import GPT2Config
 from llorch.generate import Session, StopReason, run
 from llorch.sampling import Sampler
+from llorch.prefix_cache import BLOCK_TOKENS
 from llorch.scheduler import FailureCode, Job, JobEnded, JobFailed, JobStarted, Rejected, Scheduler, TokenReleased
 from llorch.testing import make_checkpoint
 
@@ -26,17 +27,13 @@ order = itertools.count()   # one clock for every sink's events: which came firs
 
 
 class Sink:
-    """One job's events, in order, each with its place on the shared clock. A gated sink holds the scheduler
-    thread in the job's first event until the gate opens."""
+    """One job's events, in order, each with its place on the shared clock."""
 
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(self) -> None:
         self.events: list[tuple[int, object]] = []
         self.done = threading.Event()
-        self.gate = gate
 
     def __call__(self, event) -> None:
-        if self.gate is not None:
-            assert self.gate.wait(TIMEOUT_S)
         self.events.append((next(order), event))
         if isinstance(event, (JobEnded, JobFailed)):
             self.done.set()
@@ -71,11 +68,12 @@ def alone(path):
 
 @pytest.fixture
 def make_scheduler(path):
-    """make_scheduler(max_batch, max_queue) -> a started Scheduler with its model loaded; stopped after the test."""
+    """make_scheduler(max_batch, max_queue, **options) -> a started Scheduler with its model loaded; stopped after the test."""
     started = []
 
-    def make(max_batch: int = 8, max_queue: int = 8) -> Scheduler:
-        scheduler = Scheduler(lambda: llorch.load(path), max_batch=max_batch, max_queue=max_queue, threads=1)
+    def make(max_batch: int = 8, max_queue: int = 8, **options) -> Scheduler:
+        scheduler = Scheduler(lambda: llorch.load(path), max_batch=max_batch, max_queue=max_queue, threads=1,
+                              **options)
         scheduler.start()
         scheduler.loaded.result(TIMEOUT_S)
         started.append(scheduler)
@@ -114,15 +112,14 @@ def test_a_job_is_started_streams_its_tokens_and_ends(make_scheduler, alone):
 
 
 def test_jobs_decoded_together_get_the_tokens_they_get_alone(make_scheduler, alone):
-    scheduler, gate = make_scheduler(max_batch=4), threading.Event()
+    scheduler = make_scheduler(max_batch=4)
     requests = [("one", "The quick brown fox", 40, (), {}),
                 ("two", "Once upon a time", 25, (), dict(temperature=1.0, seed=3, top_k=40)),
                 ("three", "Tell me a story" + " more" * 9, 33, (), dict(repetition_penalty=1.5)),
                 ("four", "In 1905, Einstein", 30, (), dict(temperature=0.8, min_p=0.1, seed=9))]
-    sinks = [Sink(gate if i == 0 else None) for i in range(len(requests))]
+    sinks = [Sink() for _ in requests]
     for (job_id, prompt, n, stop, options), sink in zip(requests, sinks):
-        scheduler.submit(job(job_id, prompt, n, sink, stop, **options))   # the first holds the thread: all queue
-    gate.set()
+        scheduler.submit(job(job_id, prompt, n, sink, stop, **options))
     for (job_id, prompt, n, stop, options), sink in zip(requests, sinks):
         assert isinstance(sink.wait(), JobEnded), job_id
         assert released(sink) == alone(prompt, n, stop, **options), job_id
@@ -156,17 +153,17 @@ def test_cancel_ends_a_running_or_queued_job_with_cancelled(make_scheduler):
 
 
 def test_a_full_queue_and_a_duplicate_id_are_rejected(make_scheduler):
-    scheduler, gate = make_scheduler(max_batch=1, max_queue=1), threading.Event()
-    first, second = Sink(gate), Sink()
-    scheduler.submit(job("first", "Hello.", 4, first))   # admitted, its first event held at the gate
+    scheduler = make_scheduler(max_batch=1, max_queue=1)
+    first, second = Sink(), Sink()
+    scheduler.submit(job("first", "Hello.", 1000, first))   # admitted, and running long enough
     wait_until(lambda: scheduler.counts() == (1, 0))
     scheduler.submit(job("second", "Hello.", 4, second))
     for job_id, reason in (("third", "queue_full"), ("first", "duplicate"), ("second", "duplicate")):
         with pytest.raises(Rejected) as refused:
             scheduler.submit(job(job_id, "Hello.", 4, Sink()))
         assert refused.value.reason == reason
-    gate.set()
-    assert isinstance(first.wait(), JobEnded) and isinstance(second.wait(), JobEnded)
+    scheduler.cancel("first", "done checking")
+    assert isinstance(first.wait(), JobFailed) and isinstance(second.wait(), JobEnded)
     scheduler.submit(job("first", "Hello.", 4, done := Sink()))   # a finished job's id is free again
     assert isinstance(done.wait(), JobEnded)
 
@@ -183,3 +180,58 @@ def test_draining_finishes_running_jobs_and_stop_cancels_the_rest(make_scheduler
     scheduler.stop(TIMEOUT_S)
     assert cut_short.wait() == JobFailed(FailureCode.CANCELLED, "the worker is shutting down")
     assert scheduler.counts() == (0, 0)
+
+
+LONG_PROMPT = "A long prompt, to be prefilled in many chunks: " + " ".join(f"item {i}," for i in range(60))
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_jobs_decode(make_scheduler, alone):
+    """At most step_tokens prompt rows a step: a running job keeps releasing tokens while a long prompt is
+    prefilled, and every job gets the tokens it gets alone (chunks split anywhere, rows beside others)."""
+    scheduler, running, long = make_scheduler(step_tokens=7), Sink(), Sink()
+    scheduler.submit(job("running", "The quick brown fox", 200, running))
+    wait_until(lambda: running.of(TokenReleased))
+    scheduler.submit(job("long", LONG_PROMPT, 20, long, temperature=0.9, seed=5))
+    assert isinstance(long.wait(), JobEnded) and isinstance(running.wait(), JobEnded)
+    assert released(long) == alone(LONG_PROMPT, 20, temperature=0.9, seed=5)
+    assert released(running) == alone("The quick brown fox", 200)
+    prefill = (long.first(JobStarted), long.first(TokenReleased))
+    during = [at for at, event in running.events if isinstance(event, TokenReleased) and prefill[0] < at < prefill[1]]
+    assert len(during) >= len(enc.encode(LONG_PROMPT)) // 7 - 1   # one token a step, one chunk a step
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix_and_gets_the_same_tokens(make_scheduler, alone):
+    scheduler = make_scheduler()
+    n_prompt = len(enc.encode(LONG_PROMPT))
+    reusable = min(n_prompt // BLOCK_TOKENS * BLOCK_TOKENS, n_prompt - 1)   # one row is always computed
+    for i, max_tokens in enumerate((5, 9)):
+        sink = Sink()
+        scheduler.submit(job(f"repeat-{i}", LONG_PROMPT, max_tokens, sink, temperature=1.0, seed=i))
+        assert isinstance(sink.wait(), JobEnded)
+        assert released(sink) == alone(LONG_PROMPT, max_tokens, temperature=1.0, seed=i)
+        assert scheduler.prefix_cache.hit_tokens == i * reusable
+    extended = LONG_PROMPT + " and then some more words"      # a longer prompt reuses the shared blocks
+    scheduler.submit(job("extended", extended, 6, sink := Sink()))
+    assert isinstance(sink.wait(), JobEnded) and released(sink) == alone(extended, 6)
+    assert scheduler.prefix_cache.hit_tokens == reusable + n_prompt // BLOCK_TOKENS * BLOCK_TOKENS
+    assert scheduler.memory_bytes() >= scheduler.loaded.result().weight_bytes + scheduler.prefix_cache.nbytes > 0
+
+
+def test_completions_of_one_prompt_submitted_together_share_its_prefill(make_scheduler, alone):
+    """n > 1: the jobs after the first wait for the blocks it computes and copy them."""
+    scheduler, sinks = make_scheduler(step_tokens=16), [Sink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        scheduler.submit(job(f"choice-{i}", LONG_PROMPT, 8, sink, temperature=1.0, seed=i))
+    n_prompt = len(enc.encode(LONG_PROMPT))
+    for i, sink in enumerate(sinks):
+        assert isinstance(sink.wait(), JobEnded)
+        assert released(sink) == alone(LONG_PROMPT, 8, temperature=1.0, seed=i)
+    assert scheduler.prefix_cache.hit_tokens == 2 * min(n_prompt // BLOCK_TOKENS * BLOCK_TOKENS, n_prompt - 1)
+
+
+def test_without_a_prefix_cache_nothing_is_reused(make_scheduler, alone):
+    scheduler = make_scheduler(cache_bytes=0)
+    for i in range(2):
+        scheduler.submit(job(f"cold-{i}", LONG_PROMPT, 4, sink := Sink()))
+        assert isinstance(sink.wait(), JobEnded) and released(sink) == alone(LONG_PROMPT, 4)
+    assert scheduler.prefix_cache.hit_tokens == 0 and scheduler.prefix_cache.nbytes == 0

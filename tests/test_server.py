@@ -508,7 +508,7 @@ def test_a_queued_job_whose_client_leaves_is_dropped(small_daemon):
         small_daemon.wait_health(lambda health: health["queued_jobs"] == 0)
         httpx.post(url + "/cancel", json={"job_id": "occupies-the-slot"}, timeout=5.0)
         assert running.result(30).terminal[1]["code"] == "CANCELLED"
-    assert "job leaves-the-queue: 4 prompt tokens, 0 out, CANCELLED" in small_daemon.log()
+    assert "job leaves-the-queue: 4 prompt tokens (0 from the prefix cache), 0 out, CANCELLED" in small_daemon.log()
 
 
 def test_sigterm_past_the_grace_period_cancels_jobs_and_exits_zero(small_daemon):

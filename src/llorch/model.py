@@ -152,8 +152,25 @@ class GPT2:
             raise ValueError("decode_batch needs one token per cache, at least one")
         if tracer is not None and len(caches) != 1:
             raise ValueError(f"a trace follows one sequence: decode_batch got a tracer and {len(caches)} caches")
-        segments = [(self._checked_ids([t], c.length, c.length), c.length, c) for t, c in zip(tokens, caches)]
-        return self._run(segments, NULL_TRACER if tracer is None else tracer, all_logits=False).copy()
+        return self._run(self._continuing([[t] for t in tokens], caches), NULL_TRACER if tracer is None else tracer,
+                         all_logits=False).copy()
+
+    def forward_batch(self, segments: Sequence[tuple[Sequence[int], KVCache]]) -> np.ndarray:
+        """One stacked pass over several sequences, each continuing its cache with any number of tokens: a
+        scheduler's step mixes one new token of each decoding sequence with chunks of prompts.
+
+        Returns the logits of each segment's last row, [len(segments), V]; every row is bitwise what its
+        sequence would get alone (rows meet only in the matrices, which compute each row on its own)."""
+        if not segments:
+            raise ValueError("forward_batch needs at least one segment")
+        if len({id(cache) for _, cache in segments}) != len(segments):
+            raise ValueError("forward_batch got the same cache in two segments")
+        return self._run(self._continuing([ids for ids, _ in segments], [c for _, c in segments]), NULL_TRACER,
+                         all_logits=False).copy()
+
+    def _continuing(self, token_ids: Sequence, caches: Sequence[KVCache]) -> Segments:
+        """Checked segments, each continuing its cache from its length."""
+        return [(self._checked_ids(ids, c.length, c.length), c.length, c) for ids, c in zip(token_ids, caches)]
 
     def _checked_ids(self, token_ids, start_pos: int, cached: int) -> np.ndarray:
         """token_ids as int32, after checking them and that start_pos is in [0, cached] and within the context."""
@@ -238,13 +255,14 @@ class GPT2:
             scores = self._ws.get("scores", (self.config.n_head, ids.size, start_pos + ids.size))
             probs = self._ws.get("probs", scores.shape)
         scratch = self._ws.get("attention_scratch", (K.attention_scratch_floats(self.config.n_positions),))
-        if a.qkv.shape[0] == len(segments):
-            # a decode step, one new row per sequence (traced or not): every sequence's kv_write and attention
-            # in one call
-            K.decode_attention(a.y, a.qkv, [c.k[i] for _, _, c in segments], [c.v[i] for _, _, c in segments],
-                               [start_pos for _, start_pos, _ in segments], scratch, scores, probs)
-        else:
-            for (ids, start_pos, cache), r in zip(segments, rows):
+        for run, r in _by_kind(segments, rows):
+            if run[0][0].size == 1:
+                # a decode step's rows, one new row per sequence (traced or not): their kv_write and attention
+                # in one call, the same kernel whatever else shares the pass
+                K.decode_attention(a.y[r], a.qkv[r], [c.k[i] for _, _, c in run], [c.v[i] for _, _, c in run],
+                                   [start_pos for _, start_pos, _ in run], scratch, scores, probs)
+            else:
+                ((ids, start_pos, cache),) = run
                 K.kv_write(cache.k[i], cache.v[i], a.qkv[r], start_pos)
                 K.attention(a.y[r], a.qkv[r], cache.k[i], cache.v[i], start_pos, scratch, scores, probs)
         ids, start_pos, cache = segments[0]   # a tracer's one sequence
@@ -254,6 +272,18 @@ class GPT2:
         tracer.record("attn.scores", i, scores)
         tracer.record("attn.probs", i, probs)
         tracer.record("attn.y", i, a.y)
+
+
+def _by_kind(segments: Segments, rows: list[slice]):
+    """The segments in runs, each with its rows: consecutive one-row segments together, a longer one alone."""
+    start = 0
+    while start < len(segments):
+        end = start + 1
+        if segments[start][0].size == 1:
+            while end < len(segments) and segments[end][0].size == 1:
+                end += 1
+        yield segments[start:end], slice(rows[start].start, rows[end - 1].stop)
+        start = end
 
 
 def load(path: str | os.PathLike, *, progress: Progress | None = None) -> GPT2:

@@ -1,21 +1,26 @@
-"""Continuous batching: one thread owns the model and decodes every active job together (spec 14).
+"""Continuous batching with chunked prefill: one thread owns the model and runs every active job together
+(spec 14).
 
 Each step the scheduler retires cancelled jobs, admits queued ones up to max_batch (a generation Session
-each, with a fresh KV cache, and its prompt pass), then runs one `decode_batch` pass in which every active
-job contributes one row, hands each job's Session its row, and retires the jobs that finished. Jobs join
-and leave only between steps; each job's row is computed bitwise as if it ran alone, so batching never
+each, with a fresh KV cache), then runs ONE stacked pass (`model.forward_batch`): the next token of every
+decoding job, plus at most step_tokens rows of the prompts still being prefilled, taken in admission order
+and split at any position. A prompt's rows that the prefix cache holds are copied instead of computed. Each
+job whose row completes a token hands it to its Session; the jobs that finished leave. So a long prompt
+never holds the running streams for more than one step's budget. Jobs join and leave only between steps;
+each row is computed bitwise as if its job ran alone, so neither batching, chunking nor the prefix cache
 changes a job's tokens.
 
 Everything that touches the model runs on the scheduler thread: the model is not thread-safe. Other threads
 only submit and cancel jobs, under a lock, and receive a job's events -- JobStarted, TokenReleased, then
-JobEnded or JobFailed -- through the `emit` callable they gave it. What goes over the wire is the HTTP
-side's business (llorch.server).
+JobEnded or JobFailed -- through the `emit` callable they gave it, called on a delivery thread so that
+slow consumers never hold a step. What goes over the wire is the HTTP side's business (llorch.server).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -28,11 +33,18 @@ import numpy as np
 
 from .generate import NonFiniteError, Session, StopReason
 from .logits import LogitsProcessor, TopLogprobs, score
-from .model import GPT2
+from .model import GPT2, PREFILL_ROWS
+from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .runtime import build_info, configure_from_env, set_num_threads
 from .sampling import Sampler
 
 log = logging.getLogger("llorch.scheduler")
+
+# Prompt rows per step, beside the decode rows. A step's cost grows with its rows (the weights are read once
+# per step whatever the rows; the matrices' work grows with them): at 124M on 2 threads, see spec 14 for the
+# measurements behind this default.
+DEFAULT_STEP_TOKENS = 64
+DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -116,19 +128,26 @@ class Job:
     finished: bool = False
     admitted_at: float = 0.0
     tokens_out: int = 0
+    cached_tokens: int = 0                   # prompt positions copied from the prefix cache
+    blocks_stored: int = 0                   # the prompt's blocks offered to the prefix cache so far
 
-    def finish(self, memory_bytes: int) -> None:
-        """End the job that its session stopped."""
+    @property
+    def prefilling(self) -> bool:
+        """Admitted, its prompt not yet run through."""
+        return self.session is not None and not self.session.tokens
+
+    def finish(self, memory_bytes: int) -> JobEnded:
+        """The end of the job that its session stopped."""
         self.finished = True
         session = self.session
-        self.emit(JobEnded(session.stop_reason, self.tokens_out, self.generation_s, memory_bytes,
-                           session.stop_sequence))
         self._log_end(session.stop_reason.name)
+        return JobEnded(session.stop_reason, self.tokens_out, self.generation_s, memory_bytes,
+                        session.stop_sequence)
 
-    def fail(self, code: FailureCode, message: str) -> None:
+    def fail(self, code: FailureCode, message: str) -> JobFailed:
         self.finished = True
-        self.emit(JobFailed(code, message))
         self._log_end(code.name)
+        return JobFailed(code, message)
 
     @property
     def generation_s(self) -> float:
@@ -141,22 +160,30 @@ class Job:
         ttft = f"{(first - admitted) * 1e3:.1f} ms" if self.tokens_out else "-"
         decoded = self.tokens_out - 1
         decode_rate = f"{decoded / (last - first):.1f} tok/s" if decoded > 0 and last > first else "-"
-        log.info("job %s: %d prompt tokens, %d out, %s, ttft %s, decode %s, queued %.1f ms, seed %s",
-                 self.job_id, len(self.prompt_ids), self.tokens_out, outcome, ttft, decode_rate,
-                 (admitted - self.submitted_at) * 1e3, self.seed, extra={"job_id": self.job_id})
+        log.info("job %s: %d prompt tokens (%d from the prefix cache), %d out, %s, ttft %s, decode %s, "
+                 "queued %.1f ms, seed %s", self.job_id, len(self.prompt_ids), self.cached_tokens, self.tokens_out,
+                 outcome, ttft, decode_rate, (admitted - self.submitted_at) * 1e3, self.seed,
+                 extra={"job_id": self.job_id})
 
 
 class Scheduler:
-    """Owns the model on its own thread and runs every job through it, max_batch at a time.
+    """Owns the model on its own thread and runs every job through it, max_batch at a time, with at most
+    step_tokens prompt rows per step and a prefix cache of cache_bytes.
 
     `loaded` is a Future of the model: it completes once the thread has loaded it (or failed to);
-    `build_info` is then llorch.build_info() as the scheduler thread sees it (its threads, SIMD path)."""
+    `build_info` is then llorch.build_info() as the scheduler thread sees it (its threads, SIMD path).
+
+    Jobs with the same prompt (n completions of one request) share its rows through the prefix cache: a job
+    whose next block another prefilling job is computing waits for it and copies it."""
 
     def __init__(self, load_model: Callable[[], GPT2], *, max_batch: int, max_queue: int,
-                 threads: int | None = None) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.max_batch, self.max_queue = max_batch, max_queue
+                 threads: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if max_batch < 1 or max_queue < 0 or step_tokens < 1:
+            raise ValueError(f"max_batch and step_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{step_tokens} and {max_queue}")
+        self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
+        self.prefix_cache = PrefixCache(cache_bytes)
         self.loaded: concurrent.futures.Future[GPT2] = concurrent.futures.Future()
         self._load_model, self._threads = load_model, threads
         self._model: GPT2 | None = None
@@ -168,8 +195,13 @@ class Scheduler:
         self._accepting = True
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="llorch-scheduler", daemon=True)
+        # events of a step, posted once it is done, and handed to their jobs' emit by the delivery thread
+        self._outgoing: list[tuple[Callable[[JobEvent], None], JobEvent]] = []
+        self._deliveries: queue.SimpleQueue = queue.SimpleQueue()
+        self._delivery = threading.Thread(target=self._deliver, name="llorch-events", daemon=True)
 
     def start(self) -> None:
+        self._delivery.start()
         self._thread.start()
 
     # ---- called from other threads ----
@@ -224,6 +256,8 @@ class Scheduler:
             self._lock.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._delivery.is_alive():
+            self._delivery.join(timeout)
 
     def counts(self) -> tuple[int, int]:
         """(active, queued) jobs."""
@@ -231,13 +265,14 @@ class Scheduler:
             return len(self._active), len(self._queue)
 
     def memory_bytes(self) -> int:
-        """The weights plus the KV caches of the active jobs (their full size, resident or not)."""
+        """The weights, the KV caches of the active jobs (their full size, resident or not) and the prefix
+        cache."""
         model = self._model
         if model is None:
             return 0
         cfg = model.config
         cache_bytes = 2 * cfg.n_layer * cfg.n_positions * cfg.n_embd * 4   # k and v, float32
-        return model.weight_bytes + self.counts()[0] * cache_bytes
+        return model.weight_bytes + self.counts()[0] * cache_bytes + self.prefix_cache.nbytes
 
     # ---- the scheduler thread ----
 
@@ -248,11 +283,17 @@ class Scheduler:
             set_num_threads(self._threads)
         self.build_info = build_info()
         try:
-            self._model = self._load_model()
-        except BaseException as e:   # reported through the future; the thread has nothing left to do
-            self.loaded.set_exception(e)
-            return
-        self.loaded.set_result(self._model)
+            try:
+                self._model = self._load_model()
+            except BaseException as e:   # reported through the future; the thread has nothing left to do
+                self.loaded.set_exception(e)
+                return
+            self.loaded.set_result(self._model)
+            self._loop()
+        finally:
+            self._deliveries.put(None)   # the delivery thread ends after what was posted before
+
+    def _loop(self) -> None:
         while True:
             with self._lock:
                 while not (self._queue or self._active or self._stopping):
@@ -264,19 +305,45 @@ class Scheduler:
             except Exception:   # a bug, not a bad job: fail every job rather than leave clients hanging
                 log.exception("scheduler step failed; failing every job")
                 self._fail_all(FailureCode.INFERENCE_FAILED, "internal error in the scheduler")
+            if self._outgoing:
+                self._deliveries.put(self._outgoing)
+                self._outgoing = []
+
+    def _deliver(self) -> None:
+        while (events := self._deliveries.get()) is not None:
+            for emit, event in events:
+                try:
+                    emit(event)
+                except Exception:   # one consumer's bug must not starve the others
+                    log.exception("delivering %s failed", type(event).__name__)
+
+    def _post(self, job: Job, event: JobEvent) -> None:
+        self._outgoing.append((job.emit, event))
 
     def _step(self) -> None:
         started = time.perf_counter()
         self._retire(cancelled_only=True)
-        for job in self._admit():
-            self._prefill(job)
-        decoding = [job for job in self._active if not job.finished and job.cancel_reason is None]
-        if decoding:
-            self._decode(decoding)
+        self._admit()
+        decoding = [job for job in self._active if not job.finished and not job.prefilling]
+        # the budget bounds the gap between a running stream's tokens; with no stream to hold up, larger
+        # passes read the weights fewer times per prompt row
+        budget = self.step_tokens if decoding else max(self.step_tokens, PREFILL_ROWS)
+        for job in self._active:
+            if job.prefilling and not job.finished and job.prompt_logprobs is not None:
+                self._score_prompt(job)
+        chunks, prompt_rows = [], 0
+        for job in self._active:
+            if job.prefilling and not job.finished and prompt_rows < budget:
+                if rows := self._next_chunk(job, budget - prompt_rows):
+                    chunks.append((job, rows))
+                    prompt_rows += rows
+        if decoding or chunks:
+            self._run(decoding, chunks)
         self._retire(cancelled_only=False)
-        log.debug("step: batch %d, %.1f ms", len(decoding), (time.perf_counter() - started) * 1e3)
+        log.debug("step: %d decoding, %d prompt rows, %.1f ms", len(decoding), prompt_rows,
+                  (time.perf_counter() - started) * 1e3)
 
-    def _admit(self) -> list[Job]:
+    def _admit(self) -> None:
         with self._lock:
             admitted = []
             while self._queue and len(self._active) < self.max_batch:
@@ -285,50 +352,88 @@ class Scheduler:
                 admitted.append(job)
         for job in admitted:
             job.admitted_at = time.perf_counter()
-            job.emit(JobStarted(job.job_id, datetime.now(timezone.utc)))
-        return admitted
+            self._post(job, JobStarted(job.job_id, datetime.now(timezone.utc)))
+            # A fresh cache per job rather than one per slot reused: its pages are resident only as they are
+            # written, and dropping it returns them, so memory falls back to the baseline when idle.
+            try:
+                job.session = Session(self._model, job.prompt_ids, job.max_tokens, job.sampler, stop=job.stop,
+                                      processor=job.processor, logprobs=job.logprobs)
+            except ValueError as e:
+                self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
 
-    def _prefill(self, job: Job) -> None:
-        # A fresh cache per job rather than one per slot reused: its pages are resident only as they are
-        # written, and dropping it returns them, so memory falls back to the baseline when idle.
+    def _next_chunk(self, job: Job, budget: int) -> int:
+        """How many of the job's next prompt rows this step computes, after copying what the prefix cache
+        holds; 0 while another job computes the block it needs next."""
+        cache, prompt = job.session.cache, job.prompt_ids
+        job.cached_tokens += self.prefix_cache.extend(prompt, cache, upto=len(prompt) - 1)
+        if self._computed_by_another(job):
+            return 0
+        return min(budget, len(prompt) - cache.length)
+
+    def _score_prompt(self, job: Job) -> None:
+        """A job that wants its prompt's log-probs (echo): every position's logits are needed, so its prompt
+        runs as one whole pass of its own, neither chunked nor taken from the prefix cache."""
         try:
-            job.session = Session(self._model, job.prompt_ids, job.max_tokens, job.sampler, stop=job.stop,
-                                  processor=job.processor, logprobs=job.logprobs)
-            top_n = job.prompt_logprobs
-            logits = self._model.forward(job.prompt_ids, job.session.cache, logits="last" if top_n is None else "all")
+            logits = self._model.forward(job.prompt_ids, job.session.cache, logits="all")
         except (ValueError, FloatingPointError) as e:
-            job.fail(FailureCode.INFERENCE_FAILED, str(e))
+            self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
             return
-        if top_n is not None:
-            scores = [score(row, token, top_n) for row, token in zip(logits, job.prompt_ids[1:])]
-            job.emit(PromptScored(tuple(lp for lp, _ in scores), tuple(top for _, top in scores)))
+        scores = [score(row, token, job.prompt_logprobs) for row, token in zip(logits, job.prompt_ids[1:])]
+        self._post(job, PromptScored(tuple(lp for lp, _ in scores), tuple(top for _, top in scores)))
         self._take(job, logits[-1])
 
-    def _decode(self, jobs: list[Job]) -> None:
+    def _computed_by_another(self, job: Job) -> bool:
+        """Whether an earlier prefilling job is computing the prompt block this job needs next, which the
+        prefix cache will then hand over."""
+        if not self.prefix_cache.capacity_bytes:
+            return False
+        end = (job.session.cache.length // BLOCK_TOKENS + 1) * BLOCK_TOKENS
+        if end >= len(job.prompt_ids):
+            return False
+        for other in self._active:
+            if other is job:
+                return False
+            if (other.prefilling and not other.finished and other.session.cache.length < end
+                    and other.prompt_ids[:end] == job.prompt_ids[:end]):
+                return True
+        return False
+
+    def _run(self, decoding: list[Job], chunks: list[tuple[Job, int]]) -> None:
+        """One stacked pass: a row for each decoding job, then each prompt chunk; the tokens it completes."""
+        segments = [([job.session.tokens[-1]], job.session.cache) for job in decoding]
+        for job, rows in chunks:
+            done = job.session.cache.length
+            segments.append((job.prompt_ids[done:done + rows], job.session.cache))
         try:
-            logits = self._model.decode_batch([job.session.tokens[-1] for job in jobs],
-                                              [job.session.cache for job in jobs])
+            logits = self._model.forward_batch(segments)
         except (ValueError, FloatingPointError) as e:
-            for job in jobs:
-                job.fail(FailureCode.INFERENCE_FAILED, str(e))
+            for job in decoding + [job for job, _ in chunks]:
+                self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
             return
-        for job, row in zip(jobs, logits):
+        for job, row in zip(decoding, logits):
             self._take(job, row)
+        for (job, _), row in zip(chunks, logits[len(decoding):]):
+            job.blocks_stored = self.prefix_cache.store(job.prompt_ids, job.session.cache, job.blocks_stored)
+            if job.session.cache.length == len(job.prompt_ids):   # its last prompt row: the first token
+                self._take(job, row)
 
     def _take(self, job: Job, logits: np.ndarray) -> None:
         """The job's next token from its row; its end when a stop rule fires, its failure on bad logits."""
         try:
             step = job.session.take(logits)
         except NonFiniteError as e:
-            job.fail(FailureCode.NON_FINITE_LOGITS, str(e))
+            self._post(job, job.fail(FailureCode.NON_FINITE_LOGITS, str(e)))
+            return
+        except FloatingPointError as e:
+            self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
             return
         except ValueError as e:
-            job.fail(FailureCode.INFERENCE_FAILED, f"sampling failed: {e}")
+            self._post(job, job.fail(FailureCode.INFERENCE_FAILED, f"sampling failed: {e}"))
             return
-        job.emit(TokenReleased(job.tokens_out, step.token, step.text, step.logprob, step.top_logprobs))
+        self._post(job, TokenReleased(job.tokens_out, step.token, step.text, step.logprob, step.top_logprobs))
         job.tokens_out += 1
         if step.stop_reason is not None:
-            job.finish(self.memory_bytes())
+            self._post(job, job.finish(self.memory_bytes()))
 
     def _retire(self, cancelled_only: bool) -> None:
         """Drop cancelled jobs (queued or active) and, unless cancelled_only, finished ones; free their slots."""
@@ -343,7 +448,7 @@ class Scheduler:
                     self._queue.remove(job)
         for job in leaving:
             if not job.finished:
-                job.fail(FailureCode.CANCELLED, job.cancel_reason)
+                self._post(job, job.fail(FailureCode.CANCELLED, job.cancel_reason))
             job.session = None   # its cache's memory goes back
 
     def _fail_all(self, code: FailureCode, message: str) -> None:
@@ -354,5 +459,5 @@ class Scheduler:
             self._queue.clear()
         for job in jobs:
             if not job.finished:
-                job.fail(code, message)
+                self._post(job, job.fail(code, message))
             job.session = None

@@ -41,8 +41,8 @@ from llorch.hub import resolve_model
 from llorch.logits import LogitsProcessor, TopLogprobs
 from llorch.runtime import threads_beyond_cpus
 from llorch.sampling import Sampler
-from llorch.scheduler import (FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, PromptScored, Rejected,
-                              Scheduler, TokenReleased)
+from llorch.scheduler import (DEFAULT_CACHE_BYTES, DEFAULT_STEP_TOKENS, FailureCode, Job, JobEnded, JobEvent,
+                              JobFailed, JobStarted, PromptScored, Rejected, Scheduler, TokenReleased)
 
 try:
     import httpx
@@ -278,7 +278,8 @@ class Worker:
         self.callback_delivered = False
         self.grace_s = args.grace_period
         self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), max_batch=args.max_batch,
-                                   max_queue=args.max_queue, threads=args.threads)
+                                   max_queue=args.max_queue, threads=args.threads, step_tokens=args.step_tokens,
+                                   cache_bytes=args.cache_bytes)
         self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes)
         self.encoding = llorch.tokenizer()
         self.draining = False
@@ -938,6 +939,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=8, help="jobs decoded together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64, help="jobs waiting beyond those; more get 503 "
                         "(default: 64)")
+    parser.add_argument("--step-tokens", type=int, default=DEFAULT_STEP_TOKENS,
+                        help=f"prompt rows per scheduler step, beside the decode rows (default: {DEFAULT_STEP_TOKENS})")
+    parser.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
+                        help=f"prefix cache size in bytes, 0 for none (default: {DEFAULT_CACHE_BYTES})")
     parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, how long running jobs may finish before they are cancelled (default: 10)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -1018,7 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the server extra is not installed ({MISSING_EXTRA} is missing): pip install 'llorch[server]'")
     for name, value, low in (("--port", args.port, 1), ("--threads", args.threads or 1, 1),
                              ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--max-connections", args.max_connections, 1)):
+                             ("--max-connections", args.max_connections, 1),
+                             ("--step-tokens", args.step_tokens, 1), ("--cache-bytes", args.cache_bytes, 0)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
     for name, value in (("--request-timeout", args.request_timeout), ("--keep-alive-timeout", args.keep_alive_timeout),
