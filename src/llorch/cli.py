@@ -20,7 +20,7 @@ from typing import Callable
 import llorch
 from llorch.checkpoint import resolve_weight_files
 from llorch.console import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
-from llorch.generate import Session, run as run_session
+from llorch.generate import DRAFTS, Session, check_draft, run as run_session
 from llorch.hub import resolve_model
 from llorch.sampling import Sampler
 from llorch.stream import StopStrings
@@ -69,6 +69,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of probability >= P")
     parser.add_argument("--seed", type=int_at_least(0), metavar="S", help="sampler seed: same seed, same text")
+    parser.add_argument("--draft", choices=DRAFTS,
+                        help="greedy only: draft tokens by looking the last words up in the text so far, and "
+                             "verify them in one pass (same tokens, faster where the text repeats itself)")
     parser.add_argument("--threads", type=int_at_least(1), metavar="N", help="threads for the kernels")
     parser.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
                         help="stop before this text (repeatable)")
@@ -138,12 +141,13 @@ def read_with_progress(model_path: str) -> None:
     sys.stderr.write("\r\033[K")   # erase the progress line
 
 
-def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None) -> float:
+def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None,
+                   draft: str | None = None) -> float:
     """Run the session, passing each piece of text to show as soon as it is released. Returns when the
     prompt pass started (perf_counter)."""
     started = time.perf_counter()
     try:
-        for step in run_session(model, session, tracer):
+        for step in run_session(model, session, tracer, draft=draft):
             show(step.text)
     except KeyboardInterrupt:
         show(session.flush())   # the text held back
@@ -194,6 +198,7 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
     try:   # every check that needs no model, before a large checkpoint is loaded
         prompt_text, prompt_ids = read_prompt(args, encoding)
         sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        check_draft(args.draft, sampler, traced=bool(args.trace))
         StopStrings.check(args.stop)
     except ValueError as e:
         parser.error(str(e))
@@ -223,7 +228,8 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
             parser.error(str(e))
         if streaming and args.display_prompt:
             write_stdout(prompt_text)
-        started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
+        started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer,
+                                 args.draft)
     timings = Timings.of(load_s, started, session)
 
     if args.json:
