@@ -94,11 +94,25 @@ class CountingModel:
         return self.model.decode_batch(*args, **kwargs)
 
 
+@pytest.mark.parametrize("shape", ["tiny", "odd"])
+def test_verify_pass_rows_are_bitwise_one_token_passes(checkpoint, shape):
+    # the premise of exact drafting: row i of a multi-row pass at the cache's length is what the i-th
+    # one-token decode pass gives, so the verified tokens are greedy's
+    model = llorch.load(checkpoint(shape))
+    ids = np.random.default_rng(2).integers(0, enc.n_vocab, 30).tolist()
+    one_by_one, together = model.new_cache(), model.new_cache()
+    model.forward(ids[:18], one_by_one, logits="last")
+    model.forward(ids[:18], together, logits="last")
+    rows = [model.decode_batch([token], [one_by_one])[0] for token in ids[18:]]
+    assert np.array_equal(np.stack(rows), model.forward(ids[18:], together, logits="all"))
+
+
 def test_lookup_draft_continues_the_latest_occurrence_of_the_longest_ngram():
     sequence = np.array([5, 1, 2, 9, 7, 1, 2, 3, 4, 8, 1, 2, 3], dtype=np.int32)
     assert lookup_draft(sequence, 3) == [4, 8, 1]              # "1 2 3" occurred at 5..7
     assert lookup_draft(sequence[:-1], 2) == [3, 4]            # "1 2": the latest earlier occurrence
-    assert lookup_draft(np.array([1, 2, 1, 2], dtype=np.int32), 5) == [1, 2]
+    assert lookup_draft(np.array([1, 2, 1, 2], dtype=np.int32), 5) == [1, 2, 1, 2, 1]   # the loop goes on
+    assert lookup_draft(np.array([7, 7, 7], dtype=np.int32), 3) == [7, 7, 7]
     assert lookup_draft(np.array([4, 5, 6, 7], dtype=np.int32), 4) == []
     assert lookup_draft(sequence, 0) == []
 

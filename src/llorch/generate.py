@@ -116,16 +116,17 @@ DRAFTS = ("lookup",)
 
 
 def lookup_draft(sequence: np.ndarray, limit: int) -> list[int]:
-    """Up to limit tokens that followed the latest earlier occurrence of the sequence's last n tokens
-    (int32 ids [S], n in DRAFT_NGRAMS, longest first); [] when none occurred."""
+    """limit tokens copied from after the latest earlier occurrence of the sequence's last n tokens (int32
+    ids [S], n in DRAFT_NGRAMS, longest first); [] when none occurred. A copy that reaches the end of the
+    sequence goes on with what it copied, as the repetition it found would (a loop of period 2 drafts
+    a b a b ...)."""
     for n in DRAFT_NGRAMS:
         if len(sequence) <= n or limit < 1:
-            break
+            continue
         windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
         matches = np.flatnonzero((windows == sequence[-n:]).all(axis=1))
         if matches.size:
-            follow = matches[-1] + n
-            return sequence[follow:follow + limit].tolist()
+            return np.resize(sequence[matches[-1] + n:], limit).tolist()   # np.resize repeats cyclically
     return []
 
 
