@@ -153,6 +153,12 @@ def test_eos_stops_unless_ignored(tmp_path):
     assert ignored["stop_reason"] == "max_tokens" and ignored["text"] == "<|endoftext|>I<|endoftext|>"
 
 
+def test_lookup_draft_gives_the_plain_greedy_result(tiny):
+    prompt = "def f(x):\n    return x\n\ndef f(x):\n    return x\n\ndef f("
+    assert untimed(run_json("-m", tiny, "-p", prompt, "-n", 40, "--draft", "lookup")) == \
+        untimed(run_json("-m", tiny, "-p", prompt, "-n", 40))
+
+
 def test_seed_makes_sampling_reproducible(tiny):
     options = ["-m", tiny, "-p", PROMPT, "-n", 16, "--temperature", 0.8, "--top-k", 40, "--top-p", 0.9]
     first, again = (run_json(*options, "--seed", 7)["tokens"] for _ in range(2))
@@ -308,6 +314,11 @@ BAD_INPUTS = {
     "two prompt sources": (["-m", "{tiny}", "-p", "Hi", "--prompt-ids", "1"], "not allowed with argument"),
     "threads 0": (["-m", "{tiny}", "-p", "Hi", "--threads", 0], "--threads: expected an integer >= 1"),
     "empty stop string": (["-m", "{tiny}", "-p", "Hi", "--stop", ""], "stop strings must not be empty"),
+    "draft while sampling": (["-m", "{tiny}", "-p", "Hi", "--draft", "lookup", "--temperature", 0.8],
+                             'draft="lookup" needs greedy decoding'),
+    "draft while tracing": (["-m", "{tiny}", "-p", "Hi", "--draft", "lookup", "--trace", "{bad}/trace"],
+                            "a traced run cannot draft"),
+    "unknown draft": (["-m", "{tiny}", "-p", "Hi", "--draft", "model"], "invalid choice: 'model'"),
     "trace dir not writable": (["-m", "{tiny}", "-p", "Hi", "--trace", "{bad}/empty.txt/trace"],
                                "cannot write the trace to {bad}/empty.txt/trace"),
 }

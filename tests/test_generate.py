@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import llorch
-from llorch.generate import NonFiniteError, Session, Step, StopReason, run
+from llorch.generate import NonFiniteError, Session, Step, StopReason, lookup_draft, run
 from llorch.sampling import Sampler
 from llorch.trace import Tracer
 
@@ -96,3 +96,84 @@ def test_overflowing_activations_raise_naming_the_position_and_the_checkpoint(ov
     with pytest.raises(NonFiniteError, match="position 2: .*first non-finite checkpoint is s0.h0.mlp.proj$"):
         list(run(overflowing, Session(overflowing, prompt, 4, Sampler()), tracer))
     assert np.isfinite(tracer.get("mlp.gelu", 0)).all() and not np.isfinite(tracer.get("mlp.proj", 0)).all()
+
+
+# --- lookup drafting: exact speculative decoding ---------------------------------------------------------
+
+class CountingModel:
+    """A model that counts its passes, to show drafts were verified (the tokens must not tell)."""
+
+    def __init__(self, model):
+        self.model, self.passes = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        self.passes += 1
+        return self.model.forward(*args, **kwargs)
+
+    def decode_batch(self, *args, **kwargs):
+        self.passes += 1
+        return self.model.decode_batch(*args, **kwargs)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "odd"])
+def test_verify_pass_rows_are_bitwise_one_token_passes(checkpoint, shape):
+    # the premise of exact drafting: row i of a multi-row pass at the cache's length is what the i-th
+    # one-token decode pass gives, so the verified tokens are greedy's
+    model = llorch.load(checkpoint(shape))
+    ids = np.random.default_rng(2).integers(0, enc.n_vocab, 30).tolist()
+    one_by_one, together = model.new_cache(), model.new_cache()
+    model.forward(ids[:18], one_by_one, logits="last")
+    model.forward(ids[:18], together, logits="last")
+    rows = [model.decode_batch([token], [one_by_one])[0] for token in ids[18:]]
+    assert np.array_equal(np.stack(rows), model.forward(ids[18:], together, logits="all"))
+
+
+def test_lookup_draft_continues_the_latest_occurrence_of_the_longest_ngram():
+    sequence = np.array([5, 1, 2, 9, 7, 1, 2, 3, 4, 8, 1, 2, 3], dtype=np.int32)
+    assert lookup_draft(sequence, 3) == [4, 8, 1]              # "1 2 3" occurred at 5..7
+    assert lookup_draft(sequence[:-1], 2) == [3, 4]            # "1 2": the latest earlier occurrence
+    assert lookup_draft(np.array([1, 2, 1, 2], dtype=np.int32), 5) == [1, 2, 1, 2, 1]   # the loop goes on
+    assert lookup_draft(np.array([7, 7, 7], dtype=np.int32), 3) == [7, 7, 7]
+    assert lookup_draft(np.array([4, 5, 6, 7], dtype=np.int32), 4) == []
+    assert lookup_draft(sequence, 0) == []
+
+
+@pytest.mark.parametrize("shape", ["tiny", "odd", "head80"])
+def test_lookup_draft_gives_bitwise_the_plain_greedy_tokens(checkpoint, shape):
+    model = CountingModel(llorch.load(checkpoint(shape)))
+    rng = np.random.default_rng(1)
+    passes = tokens = 0
+    for n in range(12):
+        phrase = rng.integers(0, enc.n_vocab, rng.integers(2, 10)).tolist()
+        prompt = (phrase * 8)[: rng.integers(6, 70)] + rng.integers(0, enc.n_vocab, n % 3).tolist()
+        plain = list(llorch.generate(model.model, prompt, 48, eos_token_id=None))
+        model.passes = 0
+        assert list(llorch.generate(model, prompt, 48, eos_token_id=None, draft="lookup")) == plain
+        passes, tokens = passes + model.passes, tokens + len(plain)
+    assert passes < 0.7 * tokens   # drafts were accepted: the equality above was put to the test
+
+
+def test_lookup_draft_stops_like_plain_greedy_at_eos_stop_strings_and_the_context(model):
+    prompt = enc.encode("a b c a b c a b c a b")
+    plain = list(llorch.generate(model, prompt, 20))
+    eos = plain[7]        # a token that comes out mid-way: it must stop both runs at the same place
+    for options in [dict(eos_token_id=eos), dict(eos_token_id=None)]:
+        assert list(llorch.generate(model, prompt, 20, draft="lookup", **options)) == \
+            list(llorch.generate(model, prompt, 20, **options))
+    stop = enc.decode(plain[3:5])
+    runs = [Session(model, prompt, 20, Sampler(), stop=[stop]) for _ in range(2)]
+    texts = [[step.text for step in run(model, s, draft=d)] for s, d in zip(runs, [None, "lookup"])]
+    assert texts[0] == texts[1] and runs[0].tokens == runs[1].tokens
+    long_prompt = (prompt * 20)[: model.config.n_positions - 9]       # the last token fills the context
+    assert list(llorch.generate(model, long_prompt, 9, eos_token_id=None, draft="lookup")) == \
+        list(llorch.generate(model, long_prompt, 9, eos_token_id=None))
+
+
+@pytest.mark.parametrize("options, message", [(dict(draft="model"), "draft must be one of lookup"),
+                                              (dict(draft="lookup", sampler=Sampler(0.8)), "needs greedy decoding")])
+def test_lookup_draft_refusals(model, options, message):
+    with pytest.raises(ValueError, match=message):
+        llorch.generate(model, [1, 2], 4, **options)

@@ -4,7 +4,7 @@ the daemon adds (repetition penalty, step 1; min-p, step 6), and the options ref
 import numpy as np
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
 
 import llorch
 from llorch.sampling import Sampler, penalize_repetitions
@@ -14,6 +14,67 @@ V = 1000
 
 def random_row(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 3, V).astype(np.float32)
+
+
+def reference_draw(logits, rng, temperature, top_k=None, top_p=None, min_p=None) -> int:
+    """Spec 10's table with a sort of the whole row: the survivors most likely first, then Generator.choice."""
+    scaled = logits.astype(np.float64) / temperature
+    candidates = np.argsort(-scaled, kind="stable")
+    if top_k:
+        candidates = candidates[scaled[candidates] >= scaled[candidates[top_k - 1]]]
+    probs = np.exp(scaled[candidates] - scaled[candidates[0]])
+    probs /= probs.sum()
+    if top_p:
+        keep = np.searchsorted(np.cumsum(probs), top_p, side="left") + 1
+        candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+    if min_p:
+        keep = np.count_nonzero(probs >= min_p * probs[0])
+        candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+    return int(candidates[rng.choice(len(candidates), p=probs)])
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.5), dict(temperature=0.7, top_k=40),
+                                     dict(temperature=0.8, top_p=0.95), dict(temperature=3.0, top_p=0.5),
+                                     dict(temperature=0.8, min_p=0.05),
+                                     dict(temperature=1.0, top_k=100, top_p=0.9, min_p=0.01)])
+@pytest.mark.parametrize("vocabulary", [V, 50257])
+def test_seeded_draws_equal_a_full_sort_of_the_vocabulary(options, vocabulary):
+    # the partial selection sorts only a growing prefix; heavy-tailed rows make the draws reach deep into it
+    rows = [(np.random.default_rng(seed).standard_t(3, vocabulary) * 3).astype(np.float32) for seed in range(8)]
+    sampler, rng = Sampler(**options, seed=11), np.random.default_rng(11)
+    drawn = [sampler(row) for row in rows for _ in range(25)]
+    assert drawn == [reference_draw(row, rng, **options) for row in rows for _ in range(25)]
+
+
+def test_draws_follow_the_renormalised_distribution():
+    logits = random_row(4)
+    sampler, draws = Sampler(0.7, top_k=50, seed=3), 40_000
+    counts = np.bincount([sampler(logits) for _ in range(draws)], minlength=V)
+    top = np.argsort(-logits, kind="stable")[:50]
+    probs = np.zeros(V)
+    probs[top] = np.exp((logits[top] - logits[top[0]]) / 0.7)
+    probs /= probs.sum()
+    sigma = np.sqrt(draws * probs * (1 - probs))
+    assert np.all(np.abs(counts - draws * probs) <= 5 * sigma + 1e-9)   # outside the top 50: never drawn
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_like_hf():
+    logits = np.array([1.0, 3.0, 2.0, 2.0, 0.5, 2.0, -1.0, 2.0], dtype=np.float32)   # k=2 cuts inside the 2.0s
+    hf = TopKLogitsWarper(2)(None, torch.tensor(logits[None]))[0].numpy()
+    sampler = Sampler(1e6, top_k=2, seed=0)                                          # nearly uniform survivors
+    assert {sampler(logits) for _ in range(400)} == set(np.flatnonzero(np.isfinite(hf)).tolist()) == {1, 2, 3, 5, 7}
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-30])
+def test_tiny_temperatures_draw_the_most_likely_token(temperature):
+    logits = random_row(5)
+    for options in [{}, dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)]:
+        assert Sampler(temperature, seed=1, **options)(logits) == int(np.argmax(logits))
+
+
+def test_huge_temperatures_draw_nearly_uniformly():
+    drawn = {Sampler(1e308, top_k=3, seed=seed)(random_row(6)) for seed in range(200)}
+    assert drawn == set(np.argsort(-random_row(6))[:3].tolist())
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])

@@ -20,7 +20,7 @@ from typing import Callable
 
 import llorch
 from llorch.console import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
-from llorch.generate import NonFiniteError, Session, run as run_session
+from llorch.generate import DRAFTS, NonFiniteError, Session, check_draft, run as run_session
 from llorch.hub import resolve_model
 from llorch.runtime import threads_beyond_cpus, warn
 from llorch.sampling import Sampler
@@ -75,6 +75,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of probability >= P")
     parser.add_argument("--seed", type=int_at_least(0), metavar="S", help="sampler seed: same seed, same text")
+    parser.add_argument("--draft", choices=DRAFTS,
+                        help="greedy only: draft tokens by looking the last words up in the text so far, and "
+                             "verify them in one pass (same tokens, faster where the text repeats itself)")
     parser.add_argument("--threads", type=int_at_least(1), metavar="N", help="threads for the kernels")
     parser.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
                         help="stop before this text (repeatable)")
@@ -158,13 +161,14 @@ def model_error(model: str, error: llorch.CheckpointError) -> str:
     return message if message.startswith(model) else f"model {model}: {message}"
 
 
-def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None) -> float:
+def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None,
+                   draft: str | None = None) -> float:
     """Run the session, passing each piece of text to show as soon as it is released, then a newline however
     it ends (so that the text never runs into what follows on the terminal). Returns when the prompt pass
     started (perf_counter)."""
     started = time.perf_counter()
     try:
-        for step in run_session(model, session, tracer):
+        for step in run_session(model, session, tracer, draft=draft):
             show(step.text)
     except KeyboardInterrupt:
         show(session.flush())   # the text held back
@@ -221,6 +225,7 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
         # an unseeded sampled run draws its seed, so that --json can record it
         seed = args.seed if args.seed is not None or args.temperature == 0 else secrets.randbits(63)
         sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
+        check_draft(args.draft, sampler, traced=bool(args.trace))
         StopStrings.check(args.stop)
     except ValueError as e:
         parser.error(str(e))
@@ -256,7 +261,8 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
         if streaming and args.display_prompt:
             write_stdout(prompt_text)
         try:
-            started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
+            started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer,
+                                     args.draft)
         except NonFiniteError as e:   # the checkpoint's fault: bad input
             parser.error(str(e))
     timings = Timings.of(load_s, started, session)

@@ -134,29 +134,94 @@ class Session:
         return self._stops.push(self._decoder.flush()) + self._stops.flush()
 
 
-def run(model: GPT2, session: Session, tracer: Tracer | None = None) -> Iterator[Step]:
+# Lookup drafting (spec 11): the longest of these n-grams ending the sequence that occurred before proposes
+# the tokens that followed its latest occurrence. Shorter n-grams guess too often to pay for their passes.
+DRAFT_NGRAMS = (3, 2)
+DRAFT_TOKENS_FIRST, DRAFT_TOKENS_MAX = 4, 16
+DRAFTS = ("lookup",)
+
+
+def lookup_draft(sequence: np.ndarray, limit: int) -> list[int]:
+    """limit tokens copied from after the latest earlier occurrence of the sequence's last n tokens (int32
+    ids [S], n in DRAFT_NGRAMS, longest first); [] when none occurred. A copy that reaches the end of the
+    sequence goes on with what it copied, as the repetition it found would (a loop of period 2 drafts
+    a b a b ...)."""
+    for n in DRAFT_NGRAMS:
+        if len(sequence) <= n or limit < 1:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
+        matches = np.flatnonzero((windows == sequence[-n:]).all(axis=1))
+        if matches.size:
+            return np.resize(sequence[matches[-1] + n:], limit).tolist()   # np.resize repeats cyclically
+    return []
+
+
+def check_draft(draft: str | None, sampler: Sampler, traced: bool = False) -> None:
+    """ValueError unless draft is None, or a known drafter for a greedy sampler and an untraced run."""
+    if draft is None:
+        return
+    if draft not in DRAFTS:
+        raise ValueError(f"draft must be one of {', '.join(DRAFTS)} or None, got {draft!r}")
+    if sampler.temperature != 0:
+        raise ValueError(f'draft="{draft}" needs greedy decoding (temperature 0)')
+    if traced:
+        raise ValueError("a traced run cannot draft: a trace follows one token a pass")
+
+
+def run(model: GPT2, session: Session, tracer: Tracer | None = None, *, draft: str | None = None) -> Iterator[Step]:
     """Drive one session alone: the prompt pass, then one decode pass per token, each Step yielded as soon as
     it is sampled, up to the one with a stop reason. A tracer sees every pass; a NonFiniteError then names the
-    first checkpoint that went non-finite."""
-    logits = model.forward(session.prompt_ids, session.cache, logits="last", tracer=tracer)
+    first checkpoint that went non-finite.
+
+    draft="lookup" (greedy only, no tracer) is exact speculative decoding: tokens proposed by lookup_draft
+    ride along in the pass of the last sampled token, one row each, and every row is taken while the token
+    it yields is the one drafted next. Each row is bitwise the logits a one-token pass would give (the
+    kernels compute a row independently of the others), so the tokens are plain greedy's; the rejected rows'
+    cache positions are simply overwritten later (the cache's length is rewound)."""
+    check_draft(draft, session.sampler, traced=tracer is not None)
+    cache, limit = session.cache, DRAFT_TOKENS_FIRST
+    rows = model.forward(session.prompt_ids, cache, logits="last", tracer=tracer)
+    drafted: list[int] = []     # drafted[i]: the token row i must yield for row i + 1 to count
     while True:
-        try:
-            step = session.take(logits[0])
-        except NonFiniteError as e:
-            if tracer is None or tracer.first_non_finite is None:
-                raise
-            raise NonFiniteError(f"{e}; the first non-finite checkpoint is {tracer.first_non_finite}") from None
-        yield step
-        if step.stop_reason is not None:
-            return
-        logits = model.decode_batch([step.token], [session.cache], tracer=tracer)
+        for taken, row in enumerate(rows):
+            step = _take(session, row, tracer)
+            yield step
+            if step.stop_reason is not None:
+                return
+            if taken == len(drafted) or step.token != drafted[taken]:
+                break
+        cache.length -= len(rows) - 1 - taken       # forget the positions of the drafts after the miss
+        if drafted:                                 # more when every draft was right, fewer when not
+            limit = min(limit + 2, DRAFT_TOKENS_MAX) if taken == len(drafted) else max(1, taken)
+        # drafts end one token before the last that may be needed: no pass beyond the request's context
+        room = session.max_new_tokens - len(session.tokens) - 1
+        if draft:
+            drafted = lookup_draft(np.array(session.prompt_ids + session.tokens, dtype=np.int32), min(limit, room))
+        if drafted:
+            rows = model.forward([step.token] + drafted, cache, logits="all")
+        else:
+            rows = model.decode_batch([step.token], [cache], tracer=tracer)
+
+
+def _take(session: Session, row: np.ndarray, tracer: Tracer | None) -> Step:
+    """session.take(row); a NonFiniteError names the first non-finite checkpoint when a tracer saw one."""
+    try:
+        return session.take(row)
+    except NonFiniteError as e:
+        if tracer is None or tracer.first_non_finite is None:
+            raise
+        raise NonFiniteError(f"{e}; the first non-finite checkpoint is {tracer.first_non_finite}") from None
 
 
 def generate(model: GPT2, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler | None = None, *,
-             eos_token_id: int | None = EOT_TOKEN, tracer: Tracer | None = None) -> Iterator[int]:
+             eos_token_id: int | None = EOT_TOKEN, tracer: Tracer | None = None,
+             draft: str | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids after prompt_ids (greedy unless a sampler is given); stop after
-    eos_token_id unless it is None.
+    eos_token_id unless it is None. draft="lookup" speeds greedy decoding up where the text repeats itself
+    (the prompt's or its own), with the same tokens (see run).
 
-    Raises before any work if the request does not fit (model.check_request)."""
-    session = Session(model, prompt_ids, max_new_tokens, sampler or Sampler(), eos_token_id=eos_token_id)
-    return (step.token for step in run(model, session, tracer))
+    Raises before any work if the request does not fit (model.check_request) or the draft is refused."""
+    sampler = sampler or Sampler()
+    check_draft(draft, sampler, traced=tracer is not None)
+    session = Session(model, prompt_ids, max_new_tokens, sampler, eos_token_id=eos_token_id)
+    return (step.token for step in run(model, session, tracer, draft=draft))

@@ -1,10 +1,13 @@
 """Choosing the next token from the last position's logits.
 
 temperature 0 is greedy argmax (the reference path, computed by the C kernel). Otherwise the logits are
-divided by the temperature, cut to the top_k most likely tokens (0 or None: no cut), then to the smallest set whose
-probability reaches top_p (the order HF transformers applies them), then to the tokens at least min_p times as
-likely as the most likely one, and one token is drawn with a seeded numpy Generator, so the same seed gives the
-same tokens.
+cut to the top_k most likely tokens (0 or None: no cut; every token tied with the k-th stays, as in HF
+transformers), turned into probabilities at the temperature, cut to the smallest set whose probability
+reaches top_p (the order HF applies them), then to the tokens at least min_p times as likely as the most
+likely one, and one token is drawn with a seeded numpy Generator, so the same seed gives the same tokens.
+
+Nothing sorts the whole vocabulary: top-k is a partial selection, and top-p and the draw walk the tokens
+most likely first through a sorted prefix that grows only while the mass they need is not reached.
 
 A repetition penalty (the daemon's option, spec 10 step 1) first makes every token already in the sequence
 less likely, greedy or sampled: its logit is divided by the penalty when positive, multiplied when negative.
@@ -43,21 +46,49 @@ class Sampler:
             logits = penalize_repetitions(logits, previous_ids, self.repetition_penalty)
         if self.temperature == 0:
             return K.argmax(logits)
-        scaled = logits.astype(np.float64) / self.temperature
-        candidates = np.argsort(-scaled, kind="stable")   # most likely first; ties keep id order
-        if self.top_k is not None:
-            candidates = candidates[: self.top_k]
-        probs = np.exp(scaled[candidates] - scaled[candidates[0]])
-        probs /= probs.sum()
-        if self.top_p is not None:
-            # keep tokens while the mass before them is below top_p: the first always stays
-            keep = np.searchsorted(np.cumsum(probs), self.top_p, side="left") + 1
-            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+        ids, kept = None, logits           # ids None: kept is the whole vocabulary
+        if self.top_k is not None and self.top_k < len(kept):
+            kth = np.partition(kept, len(kept) - self.top_k)[len(kept) - self.top_k]
+            ids = np.flatnonzero(kept >= kth)
+            kept = kept[ids]
+        # the max subtracted before dividing: every exponent is <= 0, so a tiny temperature gives -inf
+        # (weight 0), never NaN
+        weights = kept.astype(np.float64)
+        weights -= weights.max()
+        with np.errstate(over="ignore"):
+            weights /= self.temperature
+        np.exp(weights, out=weights)       # the most likely token weighs exactly 1
+        if self.top_p is not None and self.top_p < 1:
+            survivors = most_likely_prefix(kept, weights, self.top_p * weights.sum(), side="left")
+            ids, kept, weights = survivors if ids is None else ids[survivors], kept[survivors], weights[survivors]
         if self.min_p is not None:
-            # probs are in descending order, so the survivors are a prefix; the first always stays
-            keep = np.count_nonzero(probs >= self.min_p * probs[0])
-            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        return int(candidates[self.rng.choice(len(candidates), p=probs)])
+            survivors = np.flatnonzero(weights >= self.min_p)
+            ids, kept, weights = survivors if ids is None else ids[survivors], kept[survivors], weights[survivors]
+        # one uniform draw u: the first token, most likely first, whose cumulative probability exceeds u
+        drawn = most_likely_prefix(kept, weights, self.rng.random() * weights.sum(), side="right")[-1]
+        return int(drawn if ids is None else ids[drawn])
+
+
+def most_likely_prefix(logits: np.ndarray, weights: np.ndarray, mass: float, side: str) -> np.ndarray:
+    """Indices into logits [n], most likely first (ties: lower index first), of the shortest prefix whose
+    weights sum to at least mass (side="left") or to more than mass (side="right"); all indices with a
+    non-zero weight if rounding keeps the sum short of mass.
+
+    Only a candidate prefix is sorted: the 64 most likely, then 16 times more until the mass is reached."""
+    n, size = len(logits), 64
+    while True:
+        if size < n:
+            threshold = np.partition(logits, n - size)[n - size]
+            candidates = np.flatnonzero(logits >= threshold)   # ties with the threshold too: no id is skipped
+        else:
+            candidates = np.arange(n)
+        candidates = candidates[np.argsort(-logits[candidates], kind="stable")]
+        end = int(np.searchsorted(np.cumsum(weights[candidates]), mass, side=side)) + 1
+        if end <= len(candidates):
+            return candidates[:end]
+        if size >= n:
+            return candidates[:np.count_nonzero(weights)]      # weights are sorted too: zeros come last
+        size *= 16
 
 
 def penalize_repetitions(logits: np.ndarray, previous_ids: Sequence[int], penalty: float) -> np.ndarray:
