@@ -277,24 +277,27 @@ class Worker:
             await self.announce()
 
     async def announce(self) -> None:
-        """POST the ready callback, retried with capped exponential back-off in the background."""
-        payload = {"worker_id": self.worker_id, "model_ref": self.model_ref,
-                   "memory_bytes": self.scheduler.memory_bytes(), "uri": self.uri}
-        delay = CALLBACK_FIRST_DELAY_S
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            for attempt in range(1, CALLBACK_ATTEMPTS + 1):
-                try:
-                    response = await client.post(self.callback_url, json=payload)
-                    response.raise_for_status()
-                    log.info("announced to %s", self.callback_url)
-                    return
-                except httpx.HTTPError as e:
-                    log.warning("callback to %s failed (attempt %d of %d): %s", self.callback_url, attempt,
-                                CALLBACK_ATTEMPTS, e or type(e).__name__)
-                if attempt < CALLBACK_ATTEMPTS:
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, CALLBACK_MAX_DELAY_S)
-        log.error("callback to %s abandoned after %d attempts", self.callback_url, CALLBACK_ATTEMPTS)
+        await announce(self.callback_url, {"worker_id": self.worker_id, "model_ref": self.model_ref,
+                                           "memory_bytes": self.scheduler.memory_bytes(), "uri": self.uri})
+
+
+async def announce(callback_url: str, payload: dict) -> None:
+    """POST the ready callback, retried with capped exponential back-off (llorch.ray announces with it too)."""
+    delay = CALLBACK_FIRST_DELAY_S
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        for attempt in range(1, CALLBACK_ATTEMPTS + 1):
+            try:
+                response = await client.post(callback_url, json=payload)
+                response.raise_for_status()
+                log.info("announced to %s", callback_url)
+                return
+            except httpx.HTTPError as e:
+                log.warning("callback to %s failed (attempt %d of %d): %s", callback_url, attempt,
+                            CALLBACK_ATTEMPTS, e or type(e).__name__)
+            if attempt < CALLBACK_ATTEMPTS:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, CALLBACK_MAX_DELAY_S)
+    log.error("callback to %s abandoned after %d attempts", callback_url, CALLBACK_ATTEMPTS)
 
 
 # ---- routes ----
