@@ -48,6 +48,8 @@ CONTROL_HEADROOM = 8      # requests a replica takes beyond its jobs: /health, /
 POLL_S = 2.0              # a replica's wait on the cancel board before it asks again
 LIVE_S = 2 * POLL_S + 1   # a replica that has not asked for that long is taken for gone
 ANSWER_S = 5.0            # how long a relayed cancel waits for the replicas' answers
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"   # llorch-cpud's
 
 
 # ---- options: one table for llorch-serve, `serve run ... key=value` and a config file's args ----
@@ -66,6 +68,7 @@ class Options:
     grace_period: float = 10.0
     callback_url: str | None = None        # announced once the application serves
     public_url: str | None = None          # the uri announced: where clients reach the application
+    log_level: str = "info"                # of the replicas' llorch lines (stderr: Ray's worker logs)
 
     @classmethod
     def from_args(cls, args: dict) -> "Options":
@@ -90,6 +93,8 @@ class Options:
             if value is not None and (value < low or (name == "target_ongoing_requests" and value == 0)):
                 raise ValueError(f"{name} must be {'> 0' if name == 'target_ongoing_requests' else f'>= {low}'}"
                                  f", got {value}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("min_replicas and max_replicas go together (autoscaling between them)")
         if self.min_replicas is not None and self.min_replicas > self.max_replicas:
@@ -194,6 +199,12 @@ class LlorchModel:
         from uvicorn.lifespan.on import LifespanOn
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # llorch-cpud's log lines (start-up, one per job) on the replica's stderr, which Ray keeps per worker
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        llorch_log = logging.getLogger("llorch")
+        llorch_log.handlers, llorch_log.propagate = [handler], False
+        llorch_log.setLevel(options.log_level.upper())
         self.options, self.board = options, board
         args = server.build_parser().parse_args(options.worker_argv(worker_id=self.replica_id))
         self.worker = server.Worker(args)
@@ -402,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--callback-url", help="POSTed {worker_id, model_ref, memory_bytes, uri} once, when the "
                         "application serves")
     parser.add_argument("--public-url", help="the uri announced (default: http://HOST:PORT)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return parser
 
 
@@ -420,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                     {"public_url": args.public_url or f"http://{args.host}:{args.port}"})
     except ValueError as e:
         parser.error(str(e))
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     try:
         ray.init(address=args.address, logging_level=args.log_level.upper())
     except (ConnectionError, RuntimeError, ValueError) as e:
