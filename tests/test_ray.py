@@ -68,6 +68,17 @@ def test_app_builder_options_from_strings_and_bad_ones():
             lr.Options.from_args(args)
 
 
+def test_the_example_config_file_is_a_valid_serve_config_with_valid_args():
+    schema = pytest.importorskip("ray.serve.schema", reason="the ray extra (ray[serve]) is not installed")
+    import yaml
+    import llorch.ray as lr
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "serve-config.yaml")) as f:
+        config = schema.ServeDeploySchema.model_validate(yaml.safe_load(f))
+    [application] = config.applications
+    assert application.import_path == "llorch.ray:app_builder"
+    assert lr.Options.from_args(application.args).replicas == 2
+
+
 # ---- the application on a two-node cluster ----
 
 class App:

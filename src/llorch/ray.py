@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import logging
 import math
 import signal
 import sys
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, fields
 
@@ -86,13 +87,13 @@ class Options:
         return options
 
     def _check(self) -> None:
-        for name, low in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("threads", 1),
-                          ("num_cpus", 0), ("max_batch", 1), ("max_queue", 0), ("grace_period", 0),
-                          ("target_ongoing_requests", 0)):
+        for name, low, strict in (("replicas", 1, False), ("min_replicas", 0, False), ("max_replicas", 1, False),
+                                  ("target_ongoing_requests", 0, True), ("threads", 1, False),
+                                  ("num_cpus", 0, False), ("max_batch", 1, False), ("max_queue", 0, False),
+                                  ("grace_period", 0, False)):
             value = getattr(self, name)
-            if value is not None and (value < low or (name == "target_ongoing_requests" and value == 0)):
-                raise ValueError(f"{name} must be {'> 0' if name == 'target_ongoing_requests' else f'>= {low}'}"
-                                 f", got {value}")
+            if value is not None and (value <= low if strict else value < low):
+                raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -105,22 +106,26 @@ class Options:
         return self.num_cpus if self.num_cpus is not None else float(self.threads or 1)
 
     def worker_argv(self, worker_id: str) -> list[str]:
-        """llorch-cpud's command line for one replica: its Worker is built by llorch-cpud's own parser."""
+        """llorch-cpud's command line for one replica: its Worker is built by llorch-cpud's own parser. Its
+        host and port only name the application's address in its start-up line (Serve's default one)."""
         threads = self.threads or max(1, math.floor(self.cpus))
-        return ["--model", self.model, "--port", "8000", "--worker-id", worker_id, "--threads", str(threads),
-                "--max-batch", str(self.max_batch), "--max-queue", str(self.max_queue),
-                "--grace-period", str(self.grace_period)]
+        address = urllib.parse.urlsplit(self.public_url or "http://127.0.0.1:8000")
+        return ["--model", self.model, "--host", address.hostname or "127.0.0.1", "--port", str(address.port or 80),
+                "--worker-id", worker_id, "--threads", str(threads), "--max-batch", str(self.max_batch),
+                "--max-queue", str(self.max_queue), "--grace-period", str(self.grace_period)]
 
 
 def _convert(name: str, value: object, kind: str) -> object:
     """A value of the field's type ('int | None', 'float', 'str | None', ...), from a string or itself."""
-    target = {"int": int, "float": float, "str": str}[kind.split(" ")[0]]
-    if isinstance(value, bool) or (target is int and isinstance(value, float)):
-        raise ValueError(f"{name} must be {'an integer' if target is int else 'a ' + target.__name__}, got {value!r}")
-    try:
-        return target(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {'an integer' if target is int else 'a number'}, got {value!r}") from None
+    kind = kind.split(" ")[0]
+    target, expected = {"int": (int, "an integer"), "float": (float, "a finite number"), "str": (str, "a string")}[kind]
+    converted = None
+    if not isinstance(value, bool) and not (target is int and isinstance(value, float)):   # 2.5 is no replica count
+        with contextlib.suppress(TypeError, ValueError):
+            converted = target(value)
+    if converted is None or (target is float and not math.isfinite(converted)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return converted
 
 
 # ---- ASGI, carried over Serve handles ----
@@ -138,13 +143,14 @@ def status_of(messages: list[dict]) -> int:
     return next(m["status"] for m in messages if m["type"] == "http.response.start")
 
 
-async def read_body(receive, limit: int) -> bytes:
-    """The request body, at most limit bytes: an app given limit = its own maximum + 1 refuses it as too large."""
+async def read_body(receive, limit: int) -> bytes | None:
+    """The request body, at most limit bytes (an app given its own maximum + 1 refuses it as too large);
+    None if the client left first."""
     chunks, size, more = [], 0, True
     while more and size < limit:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
+            return None
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         more = message.get("more_body", False)
@@ -331,6 +337,8 @@ class Tunnel:
             await send({"type": "lifespan.shutdown.complete"})
             return
         body = await read_body(receive, server.MAX_BODY_BYTES + 1)
+        if body is None:
+            return
         request_scope = {key: scope[key] for key in SCOPE_KEYS if key in scope}
         call = self.model.http_cancel if route(scope) == "/cancel" else self.model.http
         response = call.remote(request_scope, body)
