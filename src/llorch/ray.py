@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import signal
 import sys
 import time
@@ -204,6 +205,8 @@ class LlorchModel:
         from uvicorn.config import Config
         from uvicorn.lifespan.on import LifespanOn
 
+        self.watching: asyncio.Task | None = None   # what __del__ stops, also after a failed start
+        self.lifespan = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # llorch-cpud's log lines (start-up, one per job) on the replica's stderr, which Ray keeps per worker
         handler = logging.StreamHandler(sys.stderr)
@@ -248,8 +251,10 @@ class LlorchModel:
                 await asyncio.sleep(POLL_S / 2)
 
     async def __del__(self) -> None:   # Serve lets the ongoing requests finish first (graceful_shutdown_timeout_s)
-        self.watching.cancel()
-        await self.lifespan.shutdown()
+        if self.watching:
+            self.watching.cancel()
+        if self.lifespan:
+            await self.lifespan.shutdown()
 
 
 class CancelBoard:
@@ -449,9 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/")
     except Exception as e:   # a model no replica could load, a port in use, too few CPUs...
+        cause = root_cause(e)
         ray.shutdown()
-        parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: the application did not start: "
-                                           f"{str(e).strip().splitlines()[0]}\n")
+        parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: the application did not start: {cause}\n")
     print(f"{PROG}: serving {options.model} at {options.public_url} ({describe_scaling(options)}); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     try:
@@ -460,6 +465,18 @@ def main(argv: list[str] | None = None) -> int:
         serve.delete(APP_NAME)
         ray.shutdown()
     return 0
+
+
+def root_cause(error: Exception) -> str:
+    """Why the application failed: the last `SomeError: message` line of the tracebacks its deployments
+    report (a replica's constructor that raised), else the error's first line."""
+    reports = []
+    with contextlib.suppress(Exception):   # Serve may not be reachable any more
+        reports = [d.message for d in serve.status().applications[APP_NAME].deployments.values()]
+    text = "\n".join([str(error), *reports])
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    causes = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+    return causes[-1] if causes else lines[0]
 
 
 def describe_scaling(options: Options) -> str:
