@@ -34,7 +34,7 @@ def test_core_llorch_and_llorch_cpud_never_import_ray():
 def llorch_serve(*args: str, block_ray: bool = False) -> subprocess.CompletedProcess:
     prelude = "import sys; sys.modules['ray'] = None; " if block_ray else "import sys; "
     code = prelude + f"from llorch.ray import main; sys.exit(main({list(args)!r}))"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,6 +55,15 @@ def test_llorch_serve_without_the_ray_extra_says_how_to_install_it():
     done = llorch_serve("--model", "m", block_ray=True)
     assert done.returncode == 2
     assert done.stderr == "llorch-serve: error: the ray extra is not installed (ray is missing): pip install 'llorch[ray]'\n"
+
+
+def test_llorch_serve_with_a_model_no_replica_can_load_exits_2_naming_the_error(tmp_path):
+    pytest.importorskip("ray.serve", reason="the ray extra (ray[serve]) is not installed")
+    done = llorch_serve("--model", str(tmp_path / "absent"), "--port", str(free_port()), "--log-level", "error")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == ("llorch-serve: error: the application did not start: "
+                                                    f"llorch.config.CheckpointError: {tmp_path / 'absent'}: "
+                                                    "no such file or directory")
 
 
 def test_app_builder_options_from_strings_and_bad_ones():
