@@ -44,6 +44,8 @@ def llorch_serve(*args: str, block_ray: bool = False) -> subprocess.CompletedPro
     (["--model", "m", "--min-replicas", "3", "--max-replicas", "2"], "min_replicas 3 exceeds max_replicas 2"),
     (["--model", "m", "--port", "0"], "--port must be 1 to 65535, got 0"),
     (["--model", "m", "--replicas", "two"], "argument --replicas: invalid int value: 'two'"),
+    (["--model", "m", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster 127.0.0.1:1: [Errno 111]"),
+    (["--model", "m", "--address", "head"], "cannot reach the Ray cluster head: expected auto, HOST:PORT or"),
 ])
 def test_llorch_serve_bad_options_exit_2_with_one_line(args, message):
     pytest.importorskip("ray.serve", reason="the ray extra (ray[serve]) is not installed")

@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.parse
@@ -214,7 +215,7 @@ class LlorchModel:
         llorch_log = logging.getLogger("llorch")
         llorch_log.handlers, llorch_log.propagate = [handler], False
         llorch_log.setLevel(options.log_level.upper())
-        self.options, self.board = options, board
+        self.board = board
         args = server.build_parser().parse_args(options.worker_argv(worker_id=self.replica_id))
         self.worker = server.Worker(args)
         self.app = server.create_app(self.worker)
@@ -380,13 +381,14 @@ class Tunnel:
         await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
 
 
-def build_app(options: Options, name: str = APP_NAME):
+def build_app(options: Options):
     """The Serve application: the ingress, the model replicas and the cancel board."""
     scaling = ({"num_replicas": options.replicas} if options.min_replicas is None else
                {"autoscaling_config": {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
                                        "target_ongoing_requests": options.target_ongoing_requests or options.max_batch}})
     board = serve.deployment(CancelBoard, name="CancelBoard", num_replicas=1, max_ongoing_requests=1000,
-                             ray_actor_options={"num_cpus": 0})
+                             ray_actor_options={"num_cpus": 0},
+                             logging_config={"enable_access_log": False})   # a poll per replica every 2 s
     model = serve.deployment(
         LlorchModel, name="LlorchModel", ray_actor_options={"num_cpus": options.cpus},
         max_ongoing_requests=options.max_batch + options.max_queue + CONTROL_HEADROOM,
@@ -446,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     try:
+        check_reachable(args.address)
         ray.init(address=args.address, logging_level=args.log_level.upper())
     except (ConnectionError, RuntimeError, ValueError) as e:
         parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: cannot reach the Ray cluster {args.address}: "
@@ -465,6 +468,20 @@ def main(argv: list[str] | None = None) -> int:
         serve.delete(APP_NAME)
         ray.shutdown()
     return 0
+
+
+def check_reachable(address: str | None) -> None:
+    """ConnectionError unless HOST:PORT (or ray://HOST:PORT) accepts a connection within 5 s: Ray itself
+    retries an unreachable address for minutes. Ray checks `auto` (and no address) at once itself."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        raise ConnectionError("expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(str(e) or type(e).__name__) from None
 
 
 def root_cause(error: Exception) -> str:
