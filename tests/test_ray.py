@@ -17,9 +17,8 @@ import time
 
 import pytest
 
-import llorch
-from llorch.testing import make_checkpoint
-from test_server import LONG_TINY, CallbackReceiver, execute, free_port, greedy_text, job, start_in_background
+# llorch-cpud's test helpers, and its fixtures: the long tiny checkpoint and the in-process model (1 thread)
+from test_server import CallbackReceiver, execute, free_port, greedy_text, job, model, model_path, start_in_background
 
 httpx = pytest.importorskip("httpx")
 SERVE_TIMEOUT_S = 120     # a deployment or a recovery, on a loaded 2-core machine
@@ -120,19 +119,6 @@ class App:
     def board_stats(self) -> dict:
         from ray import serve
         return serve.get_deployment_handle("CancelBoard", app_name=APP).stats.remote().result(timeout_s=30)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("long-tiny"), LONG_TINY)
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    threads = llorch.build_info()["max_threads"]
-    llorch.set_num_threads(1)
-    yield llorch.load(model_path)
-    llorch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
