@@ -11,8 +11,10 @@ from __future__ import annotations
 import concurrent.futures
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -23,6 +25,17 @@ from test_server import CallbackReceiver, execute, free_port, greedy_text, job, 
 httpx = pytest.importorskip("httpx")
 SERVE_TIMEOUT_S = 120     # a deployment or a recovery, on a loaded 2-core machine
 APP = "llorch"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_temp_dir():
+    """Ray's sessions (sockets, logs) in a directory of their own, removed at the end, not in /tmp/ray. Its
+    path stays short: Unix socket paths inside it are limited to 107 bytes."""
+    directory = tempfile.mkdtemp(prefix="llorch-ray-")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", directory)   # read by Ray's nodes and by llorch-serve's subprocesses
+        yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_core_llorch_and_llorch_cpud_never_import_ray():
@@ -235,7 +248,7 @@ def test_killing_a_replica_ends_its_streams_cleanly_and_serve_restarts_it(app, m
     names = app.replica_actor_names()
     assert len(names) == 2
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        running = [start_in_background(pool, app.url, job(f"kill-{i}", max_tokens=600), tokens=1) for i in range(8)]
+        running = [start_in_background(pool, app.url, job(f"kill-{i}", max_tokens=1000), tokens=1) for i in range(8)]
         ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
         ends = [stream.result(timeout=90).terminal for stream in running]   # bounded: never a hang
     failed = [data for name, data in ends if name == "error"]
