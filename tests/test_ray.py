@@ -71,6 +71,15 @@ def test_llorch_serve_without_the_ray_extra_says_how_to_install_it():
     assert done.stderr == "llorch-serve: error: the ray extra is not installed (ray is missing): pip install 'llorch[ray]'\n"
 
 
+def test_llorch_serve_on_a_machine_with_too_few_cpus_exits_2():
+    pytest.importorskip("ray.serve", reason="the ray extra (ray[serve]) is not installed")
+    cpus = os.cpu_count()
+    done = llorch_serve("--model", "m", "--replicas", str(cpus + 1), "--port", str(free_port()))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (f"llorch-serve: error: {cpus + 1} replicas of 1 CPUs need "
+                                                    f"{cpus + 1} CPUs; this machine has {cpus}")
+
+
 def test_llorch_serve_with_a_model_no_replica_can_load_exits_2_naming_the_error(tmp_path):
     pytest.importorskip("ray.serve", reason="the ray extra (ray[serve]) is not installed")
     done = llorch_serve("--model", str(tmp_path / "absent"), "--port", str(free_port()), "--log-level", "error")

@@ -453,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RuntimeError, ValueError) as e:
         parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: cannot reach the Ray cluster {args.address}: "
                                            f"{str(e).splitlines()[0]}\n")
+    needed, available = (options.min_replicas or options.replicas) * options.cpus, ray.cluster_resources().get("CPU", 0)
+    if args.address is None and needed > available:   # a cluster may grow (an autoscaler); this machine will not
+        ray.shutdown()
+        parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: {describe_scaling(options)} of {options.cpus:g} CPUs "
+                                           f"need {needed:g} CPUs; this machine has {available:g}\n")
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/")
