@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -174,7 +175,7 @@ def test_the_application_announces_itself_once(app, model):
     while not app.callback.bodies and time.monotonic() < deadline:
         time.sleep(0.1)
     [body] = app.callback.bodies
-    assert body["worker_id"].startswith("llorch-") and body["uri"] == app.url
+    assert body["worker_id"] == f"llorch-{uuid.uuid5(uuid.NAMESPACE_URL, app.url)}" and body["uri"] == app.url
     assert body["model_ref"] == app.model_path and body["memory_bytes"] >= model.weight_bytes
 
 

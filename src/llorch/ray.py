@@ -315,7 +315,8 @@ class LlorchIngress:
 
     def __init__(self, model, options: Options) -> None:
         self.model, self.options = model, options
-        self.worker_id = f"{APP_NAME}-{uuid.uuid4()}"
+        # one id per public address: every ingress replica, and one Serve restarts, announces the same worker
+        self.worker_id = f"{APP_NAME}-{uuid.uuid5(uuid.NAMESPACE_URL, options.public_url or APP_NAME)}"
         if options.callback_url:
             self.announcing = asyncio.get_running_loop().create_task(self.announce())
 
