@@ -197,7 +197,7 @@ async def collect(app, scope: dict, body: bytes) -> list[dict]:
     return [message async for batch in run_asgi(app, scope, body) for message in batch]
 
 
-# ---- the deployments (plain classes: serve.deployment is applied by app_builder) ----
+# ---- the deployments (plain classes, importable without ray: build_app makes them deployments) ----
 
 class LlorchModel:
     """One llorch-cpud worker per replica: llorch.server's Worker and ASGI app, with its lifespan."""
