@@ -187,6 +187,8 @@ def test_health_models_and_validation_are_llorch_cpuds(app):
     assert refused.status_code == 400 and refused.json()["errors"][0]["constraint"] == "json"
     unknown = httpx.post(app.url + "/cancel", json={"job_id": "nobody"}, timeout=30)
     assert unknown.status_code == 404 and unknown.json()["errors"][0]["field"] == "job_id"
+    started = app.log_line(f"model {app.model_path} loaded")   # llorch-cpud's start-up line, from a replica
+    assert started and ", 1 threads, SIMD " in started, started   # --threads, as its scheduler thread sees it
 
 
 def test_16_concurrent_greedy_jobs_give_llorchs_own_tokens(app, model):
