@@ -50,13 +50,12 @@ class Llorch:
         self.model = llorch.load(files.checkpoint)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        self.model.reset()
-        return self.model.forward(ids, logits="last")[0]
+        return self.model.forward(ids, self.model.new_cache(), logits="last")[0]
 
     def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-        self.model.reset()
+        import llorch
         tokens, times = [], []
-        for token in self.model.generate(ids, n, eos_token_id=None):
+        for token in llorch.generate(self.model, ids, n, eos_token_id=None):
             times.append(time.perf_counter())
             tokens.append(int(token))
         return tokens, times

@@ -42,21 +42,21 @@ static const ll_kernels* active(void) {
 
 int ll_select_simd(const char* name) {
     for (int i = 0; i < N_COMPILED; i++) {
-        const int wanted = !strcmp(name, "auto") || !strcmp(name, compiled[i]->name);
+        const int wanted = !strcmp(name, "auto") || !strcmp(name, compiled[i]->isa);
         if (wanted && cpu_supports(compiled[i])) { selected = compiled[i]; return 0; }
         if (wanted && strcmp(name, "auto")) return -1;
     }
     return -1;
 }
 
-const char* ll_simd_selected(void) { return active()->name; }
+const char* ll_simd_selected(void) { return active()->isa; }
 
 static const char* join_names(char* buf, size_t size, int only_supported) {
     buf[0] = '\0';
     for (int i = 0; i < N_COMPILED; i++) {
         if (only_supported && !cpu_supports(compiled[i])) continue;
         if (buf[0]) strncat(buf, " ", size - strlen(buf) - 1);
-        strncat(buf, compiled[i]->name, size - strlen(buf) - 1);
+        strncat(buf, compiled[i]->isa, size - strlen(buf) - 1);
     }
     return buf;
 }
@@ -64,44 +64,15 @@ static const char* join_names(char* buf, size_t size, int only_supported) {
 const char* ll_simd_compiled(void) { static char buf[64]; return join_names(buf, sizeof buf, 0); }
 const char* ll_simd_supported(void) { static char buf[64]; return join_names(buf, sizeof buf, 1); }
 
-void ll_embed(float* out, const int32_t* tokens, const float* wte, const float* wpe,
-              int T, int C, int start_pos) {
-    active()->embed(out, tokens, wte, wpe, T, C, start_pos);
-}
-void ll_layernorm(float* out, const float* inp, const float* weight, const float* bias,
-                  int T, int C, float eps) {
-    active()->layernorm(out, inp, weight, bias, T, C, eps);
-}
-void ll_linear(float* out, const float* inp, const float* weight, const float* bias,
-               int T, int C, int OC) {
-    active()->linear(out, inp, weight, bias, T, C, OC);
-}
-void ll_pack_linear(float* packed, const float* weight, int C, int OC) {
-    active()->pack_linear(packed, weight, C, OC);
-}
-void ll_linear_packed(float* out, const float* inp, const float* packed, const float* bias,
-                      int T, int C, int OC) {
-    active()->linear_packed(out, inp, packed, bias, T, C, OC);
-}
-void ll_gelu(float* out, const float* inp, int N) { active()->gelu(out, inp, N); }
-void ll_residual(float* out, const float* a, const float* b, int N) { active()->residual(out, a, b, N); }
-void ll_kv_write(float* k_cache, float* v_cache, const float* qkv,
-                 int T, int C, int NH, int start_pos, int maxT) {
-    active()->kv_write(k_cache, v_cache, qkv, T, C, NH, start_pos, maxT);
-}
-void ll_attention(float* out, float* scores, float* probs, const float* qkv,
-                  const float* k_cache, const float* v_cache,
-                  int T, int C, int NH, int start_pos, int maxT) {
-    active()->attention(out, scores, probs, qkv, k_cache, v_cache, T, C, NH, start_pos, maxT);
-}
-void ll_decode_attention(float* out, const float* qkv, float* const* k_caches, float* const* v_caches,
-                         const int* pos, int B, int C, int NH, int maxT) {
-    active()->decode_attention(out, qkv, k_caches, v_caches, pos, B, C, NH, maxT);
-}
-void ll_lm_head(float* logits, const float* inp, const float* wte, int T, int C, int V) {
-    active()->lm_head(logits, inp, wte, T, C, V);
-}
-int ll_argmax(const float* x, int N) { return active()->argmax(x, N); }
+/* Each ll_<name> of LL_OPS calls the selected level's <name>. */
+#define LL_RETURN_void
+#define LL_RETURN_int return
+#define LL_DISPATCH(ret, name, ...) \
+    ret ll_##name(LL_PARAMS(__VA_ARGS__)) { LL_RETURN_##ret active()->name(LL_ARGS(__VA_ARGS__)); }
+LL_OPS(LL_DISPATCH)
+#undef LL_DISPATCH
+
+size_t ll_attention_scratch_floats(int S) { return (size_t)ll_max_threads() * LL_ATT_ROWS * S; }
 
 /* ---- threads and build facts ---- */
 

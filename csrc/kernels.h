@@ -1,7 +1,8 @@
 /* Internal: the table of kernels compiled for one SIMD level, and the helpers the ops share.
  *
  * Each csrc/isa_<level>.c sets LL_ISA and LL_VBYTES (vector width in bytes), enables that level's
- * instructions with `#pragma GCC target`, and includes this file and every csrc/ops/<op>.c. The ops are
+ * instructions with `#pragma GCC target`, and includes isa_ops.h, which includes this file and every
+ * csrc/ops/<op>.inc (include-only: they compile only inside an isa_<level>.c). The ops are
  * written once with GCC vector extensions, so the same source becomes SSE2, AVX2+FMA or AVX-512 code.
  * dispatch.c holds the public ll_* functions and calls the selected table.
  */
@@ -11,32 +12,28 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "llorch.h"
+#include "parallel.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+/* One SIMD level's build of every op (the fields are LL_OPS's names). */
+#define LL_FIELD(ret, name, ...) ret (*name)(LL_PARAMS(__VA_ARGS__));
 typedef struct {
-    const char* name;
-    void (*embed)(float*, const int32_t*, const float*, const float*, int, int, int);
-    void (*layernorm)(float*, const float*, const float*, const float*, int, int, float);
-    void (*linear)(float*, const float*, const float*, const float*, int, int, int);
-    void (*pack_linear)(float*, const float*, int, int);
-    void (*linear_packed)(float*, const float*, const float*, const float*, int, int, int);
-    void (*gelu)(float*, const float*, int);
-    void (*residual)(float*, const float*, const float*, int);
-    void (*kv_write)(float*, float*, const float*, int, int, int, int, int);
-    void (*attention)(float*, float*, float*, const float*, const float*, const float*,
-                      int, int, int, int, int);
-    void (*decode_attention)(float*, const float*, float* const*, float* const*, const int*, int, int, int, int);
-    void (*lm_head)(float*, const float*, const float*, int, int, int);
-    int (*argmax)(const float*, int);
+    const char* isa;
+    LL_OPS(LL_FIELD)
 } ll_kernels;
+#undef LL_FIELD
 
 extern const ll_kernels ll_kernels_baseline;
 #if defined(__x86_64__) || defined(__i386__)
 extern const ll_kernels ll_kernels_avx2;
 extern const ll_kernels ll_kernels_avx512;
 #endif
+
+/* Query rows attention computes together (they share each load of v): a thread's scratch holds that many
+ * rows of softmax weights. */
+#define LL_ATT_ROWS 4
 
 #endif
 
@@ -47,7 +44,7 @@ extern const ll_kernels ll_kernels_avx512;
 
 #define LL_CAT2(a, b) a##_##b
 #define LL_CAT(a, b) LL_CAT2(a, b)
-#define LL_FN(name) LL_CAT(name, LL_ISA)   /* linear -> linear_avx512 */
+#define LL_FN(name) LL_CAT(name, LL_ISA)   /* embed -> embed_avx512 */
 
 #define LL_VLEN (LL_VBYTES / 4)            /* floats per vector */
 #define LL_PANEL LLORCH_PANEL              /* columns per panel of a packed linear weight */
@@ -81,6 +78,15 @@ static inline void vstore(float* p, vfloat v) { *(vfloat_u*)p = v; }
 static inline vfloat vsplat(float x) {
     const vfloat v = {x};
     return LL_SHUFFLE(v, v, LL_LANES(LL_LANE0, 0));
+}
+
+/* Inside a parallel region: this thread's number, 0 .. team size - 1. */
+static inline int ll_thread(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 /* Inside a parallel region: this thread's contiguous share [*lo, *hi) of n units, in thread order. Only for
@@ -133,32 +139,6 @@ static inline vfloat vexp(vfloat y) {
     vfloat e = p * (vfloat)pow2n;
     e = vselect(underflow, vsplat(0.0f), e);
     return vselect(overflow, vsplat(INFINITY), e);
-}
-
-/* The GEMM microkernel of linear.c and linear_packed.c. Rows [0, R) of an output tile NV vectors wide
- * (out, row stride ldo) continue their chains over K channels, out[r] += a[r, k] b[k] for k in order, with
- * a [R, K] at row stride lda and b [K, NV vectors] at row stride ldb; first: start from bias (or 0) instead
- * of out; prefetch (or NULL): the row of b to fetch into cache at each k, a fixed distance ahead. R <= 8 and NV <= 4 are constants at every call: inlined, the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void gemm_micro(
-        int R, int NV, int K, const float* a, int lda, const float* b, int ldb, float* out, int ldo,
-        const float* bias, int first, const float* prefetch) {
-    vfloat acc[8][4];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++)
-            acc[r][v] = !first ? vload(out + (size_t)r * ldo + v * LL_VLEN)
-                      : bias ? vload(bias + v * LL_VLEN) : (vfloat){0};
-    for (int k = 0; k < K; k++) {
-        if (prefetch)
-            for (int l = 0; l < NV * LL_VBYTES; l += 64) __builtin_prefetch((const char*)(prefetch + (size_t)k * ldb) + l, 0, 2);
-        vfloat bv[4];
-        for (int v = 0; v < NV; v++) bv[v] = vload(b + (size_t)k * ldb + v * LL_VLEN);
-        for (int r = 0; r < R; r++) {
-            const vfloat x = vsplat(a[(size_t)r * lda + k]);
-            for (int v = 0; v < NV; v++) acc[r][v] += x * bv[v];
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) vstore(out + (size_t)r * ldo + v * LL_VLEN, acc[r][v]);
 }
 
 /* sum_i a[i] * b[i] over n floats: vector lanes first, then the tail, in a fixed order. */

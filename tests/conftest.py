@@ -1,8 +1,9 @@
 """Session-wide fixtures of the validation harness: seeded checkpoints and reference traces, each made once.
 
-    def test_something(checkpoint, reference_trace):
+    def test_something(checkpoint, reference_trace, trained_checkpoint):
         path = checkpoint("gpt2", variant="outliers")            # a HF GPT-2 directory (llorch.testing)
         hf = reference_trace("hf", "gpt2", variant="outliers")   # a Tracer: PROMPT_IDS, then DECODE_IDS
+        model = llorch.load(trained_checkpoint)                   # a small GPT-2 trained on Python's stdlib
 
 Both are keyed by their arguments, so tests that ask for the same checkpoint or trace share one.
 """
@@ -15,7 +16,17 @@ import pytest
 
 from llorch.testing import make_checkpoint
 from llorch.trace import Tracer, run_trace
-from reference import DECODE_IDS, PROMPT_IDS, build
+from llorch.references import DECODE_IDS, PROMPT_IDS, build
+
+
+# python -m llorch.testing train tests/data/trained-stdlib (see tests/data/README.md)
+TRAINED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "trained-stdlib")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint() -> str:
+    """A small GPT-2 trained on the standard library's sources: greedy text varied enough to compare."""
+    return TRAINED_CHECKPOINT
 
 
 @pytest.fixture(scope="session", autouse=True)

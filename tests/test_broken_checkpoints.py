@@ -16,6 +16,7 @@ import pytest
 import llorch
 import llorch.checkpoint
 from test_cli import run_cli
+from test_model import logits_of
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,16 @@ BROKEN = {
     "n_positions 0": (lambda d: edit_config(d, lambda c: c.update(n_positions=0)), "n_positions must be"),
     "width as a string": (lambda d: edit_config(d, lambda c: c.update(n_embd="64")), "n_embd must be"),
     "not GPT-2's GELU": (lambda d: edit_config(d, lambda c: c.update(activation_function="relu")),
-                         "not GPT-2's tanh GELU"),
+                         "activation_function 'relu' is not supported"),
+    "MLP not 4 * n_embd wide": (lambda d: edit_config(d, lambda c: c.update(n_inner=100)),
+                                "n_inner 100 is not supported"),
+    "attention scores not scaled": (lambda d: edit_config(d, lambda c: c.update(scale_attn_weights=False)),
+                                    "scale_attn_weights False is not supported"),
+    # one tensor under two of its names
+    "wte under two names, different": (lambda d: put_tensor(d, "transformer.wte.weight",
+                                                            np.ones((50257, 64), np.float32)),
+                                       "'wte.weight' and 'transformer.wte.weight' are the same GPT-2 tensor "
+                                       "with different contents"),
     # the directory
     "no weights": (lambda d: os.remove(os.path.join(d, "model.safetensors")), "no model.safetensors"),
     "only a PyTorch .bin": (lambda d: os.rename(os.path.join(d, "model.safetensors"),
@@ -171,6 +181,31 @@ def test_untied_lm_head_is_named(good, tmp_path):
     wte_shape = header["wte.weight"]["shape"]
     put_tensor(directory, "lm_head.weight", np.ones(wte_shape, np.float32))
     with pytest.raises(llorch.CheckpointError, match="lm_head.weight differs from wte.weight"):
+        llorch.load(directory)
+
+
+def test_a_tensor_under_two_names_with_the_same_bytes_loads(good, tmp_path):
+    """Either copy gives the same model, so nothing is ambiguous."""
+    directory = str(tmp_path / "model")
+    shutil.copytree(good, directory)
+    header, data = read_safetensors(os.path.join(directory, "model.safetensors"))
+    begin, end = header["h.1.attn.c_proj.weight"]["data_offsets"]
+    put_tensor(directory, "transformer.h.1.attn.c_proj.weight",
+               np.frombuffer(data[begin:end], np.float32).reshape(header["h.1.attn.c_proj.weight"]["shape"]))
+    prompt = [15496, 11, 314]
+    np.testing.assert_array_equal(logits_of(llorch.load(directory), prompt), logits_of(llorch.load(good), prompt))
+
+
+def test_a_tensor_under_two_names_in_two_shards_is_refused(good, tmp_path):
+    directory = str(tmp_path / "model")
+    shutil.copytree(good, directory)
+    os.rename(os.path.join(directory, "model.safetensors"), os.path.join(directory, "a.safetensors"))
+    header = {"transformer.ln_f.bias": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}
+    write_safetensors(os.path.join(directory, "b.safetensors"), header, np.full(64, 0.5, np.float32).tobytes())
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"ln_f.bias": "a.safetensors", "transformer.ln_f.bias": "b.safetensors"}}, f)
+    with pytest.raises(llorch.CheckpointError, match="a.safetensors and .*b.safetensors: tensors 'ln_f.bias' "
+                                                     "and 'transformer.ln_f.bias'"):
         llorch.load(directory)
 
 

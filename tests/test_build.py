@@ -52,9 +52,9 @@ def restore_runtime():
 
 def prompt_and_decode(model: llorch.GPT2) -> tuple[np.ndarray, np.ndarray]:
     """Logits of a prompt pass [T, V] and of one greedy decode step after it [1, V], from an empty cache."""
-    model.reset()
-    prompt = model.forward(PROMPT)
-    step = model.forward([int(prompt[-1].argmax())], start_pos=len(PROMPT))
+    cache = model.new_cache()
+    prompt = model.forward(PROMPT, cache)
+    step = model.forward([int(prompt[-1].argmax())], cache)
     return prompt, step
 
 
@@ -150,3 +150,15 @@ def test_logits_bitwise_identical_for_any_thread_count(checkpoint, restore_runti
         for name, got, want in zip(("prompt", "decode"), runs[threads], runs[1]):
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), \
                 f"{shape} {name}: {threads} threads differ from 1 (max |diff| {np.abs(got - want).max():.3g})"
+
+
+def test_kernels_never_allocate_or_abort():
+    """llorch.h promises it: scratch comes from the caller, and every error is caught by the Cython checks."""
+    ops = os.path.join(os.path.dirname(__file__), os.pardir, "csrc", "ops")
+    if not os.path.isdir(ops):
+        pytest.skip("no source tree beside the tests")
+    forbidden = ("malloc(", "calloc(", "realloc(", "free(", "abort(", "exit(")
+    for name in sorted(os.listdir(ops)):
+        with open(os.path.join(ops, name), encoding="utf-8") as f:
+            text = f.read()
+        assert not [call for call in forbidden if call in text], f"csrc/ops/{name} allocates or aborts"

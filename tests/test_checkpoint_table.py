@@ -4,17 +4,15 @@ The markdown table is parsed, so neither the doc nor the code can drift alone:
   (a) names, order, per-layer flags, shape templates and tolerances equal CHECKPOINTS;
   (b) the concrete GPT-2 124M shapes written in the table equal llorch.trace.expected_shape(...);
   (c) docs/specs/ holds no code fences, and its README indexes every spec;
-  (d) the HF reference (tests/reference/hf.py), run with hooks on a seeded random 124M-shape checkpoint for the
+  (d) the HF reference (llorch.references.hf), run with hooks on a seeded random 124M-shape checkpoint for the
       prompt pass ("Hello." = [15496, 13], T=2) and one decode step (T=1, start_pos 2), records exactly the
       table's concrete shapes, in table order, with the masked attention entries the table promises.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -163,21 +161,11 @@ def test_specs_index_lists_every_spec():
 
 
 def _hf_reference_class():
-    """The traced HF reference in tests/reference/hf.py (HFGPT2, or the one class there with forward and reset)."""
-    if not os.path.exists(os.path.join(ROOT, "tests", "reference", "hf.py")):
-        pytest.skip("tests/reference/hf.py does not exist yet")
+    """The traced HF reference, llorch.references.hf.HFGPT2."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    tests_dir = os.path.join(ROOT, "tests")
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    module = importlib.import_module("reference.hf")
-    if hasattr(module, "HFGPT2"):
-        return module.HFGPT2
-    candidates = [obj for obj in vars(module).values() if isinstance(obj, type) and obj.__module__ == module.__name__
-                  and callable(getattr(obj, "forward", None)) and callable(getattr(obj, "reset", None))]
-    assert len(candidates) == 1, f"expected one reference class in tests/reference/hf.py, found {candidates}"
-    return candidates[0]
+    from llorch.references.hf import HFGPT2
+    return HFGPT2
 
 
 class PassTracer(Tracer):

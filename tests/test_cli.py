@@ -18,11 +18,12 @@ import pytest
 
 import llorch
 import llorch.testing
-from llorch.stream import StopStrings, StreamDecoder
+from llorch.sampling import Sampler
 from llorch.checkpoint import write_safetensors
 from llorch.testing import SHAPES, hf_config, random_weights
 from llorch.trace import DirectoryTracer, checkpoint_key, forward_order, run_trace
-from reference import build as build_reference
+from llorch.references import build as build_reference
+from test_stream import EMOJI, is_utf8
 
 enc = llorch.tokenizer()
 
@@ -35,8 +36,6 @@ def console_script(name: str, module: str) -> list[str]:
 LLORCH_RUN = console_script("llorch-run", "llorch.cli")
 TEST_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": os.devnull, "LLORCH_NUM_THREADS": "1"}
 PROMPT = "Hello, I'm a language model,"
-EMOJI = "\N{GRINNING FACE}"   # GPT-2 tokens [47249, 222]: the first ends inside the character
-NI_HAO = "\u4f60\u597d"       # tokens [19526, 254, 25001, 121]: each character split in two
 
 
 def run_cli(*args, env=None, stdin=subprocess.DEVNULL):
@@ -55,14 +54,6 @@ def run_json(*args, **options) -> dict:
 def untimed(result: dict) -> dict:
     """A --json result without its timings, which differ from run to run."""
     return {key: value for key, value in result.items() if key != "timings"}
-
-
-def is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +86,16 @@ def two_cycle_checkpoint(directory, up: int, down: int) -> str:
     return str(directory)
 
 
-# --- the result: --json against model.generate and HF, streaming against --json -------------------------
+# --- the result: --json against llorch.generate and HF, streaming against --json -------------------------
 
 @pytest.mark.parametrize("shape, n", [("tiny", 24), ("gpt2", 12)])
-def test_json_equals_model_generate_and_hf_greedy(checkpoint, shape, n):
+def test_json_equals_llorch_generate_and_hf_greedy(checkpoint, shape, n):
     path = checkpoint(shape)
     result = run_json("-m", path, "-p", PROMPT, "-n", n)
     ids = enc.encode(PROMPT)
-    expected = list(llorch.load(path).generate(ids, n, eos_token_id=llorch.EOT_TOKEN))
+    expected = list(llorch.generate(llorch.load(path), ids, n, eos_token_id=llorch.EOT_TOKEN))
     assert result["prompt_tokens"] == ids
-    from reference.hf import hf_greedy, load_hf   # torch only for the tests that need it
+    from llorch.references.hf import hf_greedy, load_hf   # torch only for the tests that need it
     assert result["tokens"] == expected == hf_greedy(load_hf(path), ids, n, llorch.EOT_TOKEN)
     assert result["text"] == enc.decode(expected)
     assert result["stop_reason"] == "max_tokens" and result["model"] == path
@@ -141,59 +132,6 @@ def test_split_emoji_streams_whole(tmp_path, n):
     assert run_cli("-m", path, "-p", EMOJI, "-n", n)[1] == expected
 
 
-# --- the streaming decoder and stop strings ----------------------------------------------------------
-
-@pytest.mark.parametrize("tokens, pieces", [
-    ([47249, 222], ["", EMOJI]),
-    ([19526, 254, 25001, 121], ["", NI_HAO[0], "", NI_HAO[1]]),
-])
-def test_stream_decoder_holds_split_characters_until_complete(tokens, pieces):
-    decoder = StreamDecoder(enc)
-    assert [decoder.push(t) for t in tokens] == pieces
-    assert decoder.flush() == ""
-
-
-def test_stream_decoder_replaces_an_unfinished_character_at_the_end():
-    decoder = StreamDecoder(enc)
-    assert decoder.push(47249) == "" and decoder.flush() == "\N{REPLACEMENT CHARACTER}"
-
-
-def test_stream_decoder_rejects_ids_outside_the_vocabulary():
-    with pytest.raises(ValueError, match=r"token id 70000 out of range \[0, 50257\)"):
-        StreamDecoder(enc).push(70000)
-
-
-def test_stream_decoder_chunks_join_to_decode_on_random_tokens():
-    """Random runs of byte-fragment tokens: invalid sequences become U+FFFD exactly as decode() makes them."""
-    rng = np.random.default_rng(0)
-    fragments = [t for t in range(enc.n_vocab - 1) if not is_utf8(enc.decode_single_token_bytes(t))]
-    for _ in range(200):
-        tokens = rng.choice(fragments + list(range(256)) + [47249, 222, 19526, 254], 12).tolist()
-        decoder = StreamDecoder(enc)
-        chunks = [decoder.push(t) for t in tokens] + [decoder.flush()]
-        assert "".join(chunks) == enc.decode(tokens)
-
-
-def test_stop_strings_cut_before_a_stop_string_across_chunks():
-    stops = StopStrings(["ld, an"])
-    # "ld" of " world" waits (it may begin the stop string) and is dropped once the stop string completes
-    chunks = ["Hello", " world", ",", " and", " goodbye"]
-    assert [stops.push(chunk) for chunk in chunks] == ["Hello", " wor", "", "", ""]
-    assert stops.stopped and stops.flush() == "" and stops.text == "Hello wor"
-
-
-def test_stop_strings_release_held_text_at_the_end():
-    stops = StopStrings(["lo!", "xyz"])
-    assert stops.push("Hel") == "He"   # "l" may begin "lo!"
-    assert stops.push("lo") == "l"     # "llo" cannot, "lo" may
-    assert stops.flush() == "lo" and not stops.stopped and stops.text == "Hello"
-
-
-def test_stop_strings_cut_at_the_earliest_match():
-    stops = StopStrings(["b", "abc"])
-    assert stops.push("xabc") == "x" and stops.text == "x"
-
-
 # --- options --------------------------------------------------------------------------------------------
 
 def test_stop_string_spanning_tokens(tiny):
@@ -220,9 +158,9 @@ def test_seed_makes_sampling_reproducible(tiny):
     first, again = (run_json(*options, "--seed", 7)["tokens"] for _ in range(2))
     assert first == again
     assert run_json(*options, "--seed", 8)["tokens"] != first
-    model = llorch.load(tiny)
-    assert first == list(model.generate(enc.encode(PROMPT), 16, temperature=0.8, top_k=40, top_p=0.9, seed=7,
-                                        eos_token_id=llorch.EOT_TOKEN))
+    sampler = Sampler(temperature=0.8, top_k=40, top_p=0.9, seed=7)
+    assert first == list(llorch.generate(llorch.load(tiny), enc.encode(PROMPT), 16, sampler,
+                                         eos_token_id=llorch.EOT_TOKEN))
 
 
 def test_threads_option_wins_over_the_environment_and_changes_no_token(tiny):
@@ -304,48 +242,6 @@ def test_version_and_build_info():
     assert code == 0 and {"version", "compiler", "openmp", "max_threads", "simd_selected"} <= set(json.loads(out))
 
 
-# --- models from the Hugging Face cache -----------------------------------------------------------------
-
-def fake_hub_cache(cache_dir, repo_dir_name, checkpoint) -> None:
-    """A cache entry as huggingface_hub writes it: refs/main -> snapshots/<rev>/ with symlinks into blobs/."""
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache_dir / repo_dir_name
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    (repo / "blobs").mkdir()
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        blob = repo / "blobs" / f"blob-{name}"
-        shutil.copyfile(os.path.join(checkpoint, name), blob)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-
-
-@pytest.mark.parametrize("model, repo_dir_name, cache_variable", [
-    ("gpt2", "models--openai-community--gpt2", "HF_HUB_CACHE"),
-    ("gpt2", "models--gpt2", "HF_HUB_CACHE"),                         # a cache from before the move
-    ("openai-community/gpt2", "models--gpt2", "HF_HUB_CACHE"),
-    ("distilgpt2", "models--distilbert--distilgpt2", "HF_HOME"),      # HF_HOME/hub
-])
-def test_hub_id_resolves_from_the_local_cache(tiny, tmp_path, model, repo_dir_name, cache_variable):
-    cache_dir = tmp_path / "hub"
-    fake_hub_cache(cache_dir, repo_dir_name, tiny)
-    env = ({"HF_HUB_CACHE": str(cache_dir)} if cache_variable == "HF_HUB_CACHE"
-           else {"HF_HUB_CACHE": "", "HF_HOME": str(tmp_path)})
-    result = run_json("-m", model, "-p", PROMPT, "-n", 6, env=env)
-    assert result["model"].startswith(str(cache_dir / repo_dir_name / "snapshots"))
-    assert result["tokens"] == run_json("-m", tiny, "-p", PROMPT, "-n", 6)["tokens"]
-
-
-def test_missing_hub_model_offline_says_how_to_provide_weights(tmp_path):
-    code, out, err = run_cli("-p", PROMPT, env={"HF_HUB_CACHE": str(tmp_path)})   # default MODEL: gpt2
-    assert code == 2 and out == "" and "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.startswith("llorch-run: error: model gpt2: ")
-    for said in (str(tmp_path), "models--openai-community--gpt2", "models--gpt2", "HF_HUB_OFFLINE",
-                 "HF_HUB_CACHE", "pip install 'llorch[hub]'", "python -m llorch.testing"):
-        assert said in err
-
-
 # --- bad input ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -367,7 +263,7 @@ BAD_INPUTS = {
     "missing model": (["-m", "{bad}/missing", "-p", "Hi"], "model {bad}/missing: {bad}/missing: no such file"),
     "corrupt model": (["-m", "{bad}/corrupt", "-p", "Hi"], "header is not JSON"),
     "corrupt config": (["-m", "{bad}/bad_config", "-p", "Hi"], "config.json: not valid JSON"),
-    "prompt too long": (["-m", "{tiny}", "-p", "Hi " * 100, "-n", 40], "exceeds the context of 128 tokens"),
+    "prompt too long": (["-m", "{tiny}", "-p", "Hi " * 100, "-n", 40], "exceeds the context of 128 positions"),
     "n < 1": (["-m", "{tiny}", "-p", "Hi", "-n", 0], "--max-new-tokens: expected an integer >= 1"),
     "negative temperature": (["-m", "{tiny}", "-p", "Hi", "--temperature", -0.5], "temperature must be"),
     "top-p 0": (["-m", "{tiny}", "-p", "Hi", "--top-p", 0], "top_p must be in (0, 1]"),

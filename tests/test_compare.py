@@ -18,7 +18,7 @@ import pytest
 from llorch.compare import (FAIL, KIND_MISMATCH, MISSING_A, MISSING_B, PASS, SHAPE_MISMATCH, UNKNOWN,
                             compare_arrays, compare_mappings, compare_traces, first_failure, format_table, main)
 from llorch.trace import DirectoryTracer, run_trace
-from reference import DECODE_IDS, PROMPT_IDS, build
+from llorch.references import DECODE_IDS, PROMPT_IDS, build
 
 # ---------------------------------------------------------------------------------------------------------
 # Negative controls: the original attempt's mistakes, each injected into a copy of the oracle

@@ -11,7 +11,7 @@ where `scale` is what bounds float32 rounding for that computation (u = 2**-24, 
   rounded, so it equals the float64 sum rounded to float32; the kernels must match that bit for bit.
 - gelu: scale |x|, rtol 8u: a handful of roundings in x + 0.044715 x^3 and tanhf's few-ulp error, all
   relative to x (for x << 0 the result is a cancellation, but its absolute error stays a few u |x|).
-- a dot product of length K (linear, lm_head, attention's scores and weighted sum of values): scale is the
+- a dot product of length K (linear_packed, lm_head, attention's scores and weighted sum of values): scale is the
   sum of magnitudes sum_k |a_k b_k| (+ |bias|). Any summation order has error <= K u times it; with
   independent rounding errors it grows like sqrt(K) u, so rtol = dot_rtol(K) = 4 u (sqrt(K) + 2), a margin
   of about 4 standard deviations over the random walk (the measured errors are printed with `-s`).
@@ -64,6 +64,13 @@ def simd(request):
     K.select_simd(previous)
 
 
+@pytest.fixture
+def restore_threads():
+    threads = K.max_threads()
+    yield
+    K.set_num_threads(threads)
+
+
 # ---- helpers ----
 
 def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
@@ -73,6 +80,11 @@ def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0, offset: flo
 def empty(*shape: int) -> np.ndarray:
     """An output buffer full of NaN, so an element the kernel forgets to write shows up."""
     return np.full(shape, np.nan, dtype=F32)
+
+
+def scratch(S: int) -> np.ndarray:
+    """Attention scratch for S positions, NaN-filled (its contents must never reach an output)."""
+    return empty(K.attention_scratch_floats(S))
 
 
 def f64(a: np.ndarray) -> np.ndarray:
@@ -241,7 +253,11 @@ def test_gelu_is_the_tanh_approximation_not_erf(simd):
 
 
 def layernorm_case(rng, T, C, offset=0.0, spread=1.0, eps=1e-5):
-    x = randn(rng, T, C, scale=spread, offset=offset)
+    check_layernorm(rng, randn(rng, T, C, scale=spread, offset=offset), eps)
+
+
+def check_layernorm(rng, x, eps=1e-5):
+    T, C = x.shape
     w, b = randn(rng, C, scale=0.5, offset=1.0), randn(rng, C, scale=0.1)
     out = empty(T, C)
     K.layernorm(out, x, w, b, eps)
@@ -264,50 +280,42 @@ def test_layernorm_large_mean(simd, offset, spread):
     layernorm_case(np.random.default_rng(7), 6, 768, offset=offset, spread=spread)
 
 
-def linear_case(rng, T, C, OC, with_bias):
-    x, w = randn(rng, T, C), randn(rng, C, OC)
-    b = randn(rng, OC) if with_bias else None
-    out = empty(T, OC)
-    K.linear(out, x, w, b)
-    ref, scale = ref_linear(x, w, b)
-    check("linear" + ("+bias" if with_bias else ""), out, ref, scale, dot_rtol(C))
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("T, C, OC", [(1, 1, 1), (1, 3, 3), (2, 37, 130), (3, 120, 64), (5, 120, 200),
-                                      (7, 1, 67), (1, 768, 2304), (6, 3072, 768), (1024, 37, 130)])
-def test_linear(simd, T, C, OC, with_bias):
-    linear_case(np.random.default_rng(T * C * OC), T, C, OC, with_bias)
-
-
-@PROPERTY
-@given(T=st.integers(1, 9), C=st.integers(1, 80), OC=st.integers(1, 160), with_bias=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
-def test_linear_property(simd, T, C, OC, with_bias, seed):
-    linear_case(np.random.default_rng(seed), T, C, OC, with_bias)
-
-
 def packed(w):
     p = empty(w.size)
     K.pack_linear(p, w)
     return p
 
 
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 3e38, 1e-20, 1e-30, 1e-38])
+def test_layernorm_any_finite_row(simd, magnitude):
+    """Rows whose squared deviations overflow float32 (from ~1e19 / sqrt(C)) up to FLT_MAX are normalised,
+    not returned as the bias; tiny rows too. Row 0 centred, row 1 far from zero, row 2 a single spike."""
+    rng = np.random.default_rng(int(math.log10(magnitude)) + 40)
+    C = 768
+    x = f64(randn(rng, 3, C))
+    x[1] = 0.1 * x[1] + 0.9 * np.abs(x[1]).max()
+    x[2] = 0.0
+    x[2, 5] = 1.0
+    x = (x / np.abs(x).max(axis=1, keepdims=True) * magnitude).astype(F32)   # max |x| = magnitude per row
+    assert np.isfinite(x).all()
+    check_layernorm(rng, x)
+
+
 def linear_packed_case(rng, T, C, OC, with_bias):
-    """The packed layout (the model's) gives bitwise what linear gives on the HF layout."""
     x, w = randn(rng, T, C), randn(rng, C, OC)
     b = randn(rng, OC) if with_bias else None
-    want, got = empty(T, OC), empty(T, OC)
-    K.linear(want, x, w, b)
-    K.linear_packed(got, x, packed(w), b)
-    assert_bitwise(got, want, f"linear_packed T={T} C={C} OC={OC}")
+    out = empty(T, OC)
+    K.linear_packed(out, x, packed(w), b)
+    ref, scale = ref_linear(x, w, b)
+    check("linear_packed" + ("+bias" if with_bias else ""), out, ref, scale, dot_rtol(C))
 
 
-@pytest.mark.parametrize("T, C, OC", [(1, 1, 1), (1, 3, 3), (2, 37, 130), (7, 120, 200), (8, 120, 200),
-                                      (9, 64, 64), (1, 768, 2304), (6, 3072, 768), (13, 300, 129), (130, 768, 64)])
-def test_linear_packed_is_linear(simd, T, C, OC):
-    for with_bias in (True, False):
-        linear_packed_case(np.random.default_rng(T * C * OC), T, C, OC, with_bias)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("T, C, OC", [(1, 1, 1), (1, 3, 3), (2, 37, 130), (3, 120, 64), (5, 120, 200),
+                                      (7, 1, 67), (8, 120, 200), (9, 64, 64), (1, 768, 2304), (6, 3072, 768),
+                                      (13, 300, 129), (130, 768, 64), (1024, 37, 130)])
+def test_linear_packed(simd, T, C, OC, with_bias):
+    linear_packed_case(np.random.default_rng(T * C * OC), T, C, OC, with_bias)
 
 
 @PROPERTY
@@ -315,6 +323,39 @@ def test_linear_packed_is_linear(simd, T, C, OC):
        seed=st.integers(0, 2**32 - 1))
 def test_linear_packed_property(simd, T, C, OC, with_bias, seed):
     linear_packed_case(np.random.default_rng(seed), T, C, OC, with_bias)
+
+
+def test_linear_packed_same_bits_for_any_thread_count(simd, restore_threads):
+    """Threads own whole panels: 1, 2 or 3 threads give the same bits, for the GEMV (T = 1) and the GEMM."""
+    rng = np.random.default_rng(2)
+    C, OC = 300, 4 * K.PANEL + 9   # several panels and a narrow last one
+    w, b = packed(randn(rng, C, OC)), randn(rng, OC)
+    for T in (1, 2, 7, 19):
+        x, results = randn(rng, T, C), []
+        for threads in (1, 2, 3):
+            K.set_num_threads(threads)
+            results.append(empty(T, OC))
+            K.linear_packed(results[-1], x, w, b)
+        for threads, got in zip((2, 3), results[1:]):
+            assert_bitwise(got, results[0], f"linear_packed T={T}, {threads} threads vs 1")
+
+
+def test_linear_packed_simd_paths_agree():
+    """Every SIMD path computes the same chains (FMA or not): all within rounding of one another."""
+    rng = np.random.default_rng(4)
+    T, C, OC = 3, 768, 2 * K.PANEL + 5
+    x, w, b = randn(rng, T, C), randn(rng, C, OC), randn(rng, OC)
+    _, scale = ref_linear(x, w, b)
+    previous, results = K.simd_selected(), {}
+    try:
+        for path in SIMD_PATHS:
+            K.select_simd(path)
+            results[path] = empty(T, OC)
+            K.linear_packed(results[path], x, packed(w), b)
+    finally:
+        K.select_simd(previous)
+    for path, got in results.items():
+        check("linear_packed paths", got, f64(results[SIMD_PATHS[0]]), scale, 2 * dot_rtol(C))
 
 
 def test_pack_linear_layout():
@@ -362,7 +403,7 @@ def attention_case(rng, NH, HS, T, start_pos, maxT, q_scale=1.0):
     write_and_check_cache(k_cache, v_cache, qkv, start_pos)
 
     out, probs, scores = empty(T, C), empty(NH, T, S), empty(NH, T, S)
-    K.attention(out, probs, qkv, k_cache, v_cache, start_pos, scores)
+    K.attention(out, qkv, k_cache, v_cache, start_pos, scratch(S), scores, probs)
     ref = ref_attention(split_heads(qkv[:, :C], NH), f64(k_cache[:, :S]), f64(v_cache[:, :S]), start_pos)
 
     masked = np.broadcast_to(ref["masked"], probs.shape)
@@ -379,7 +420,7 @@ def attention_case(rng, NH, HS, T, start_pos, maxT, q_scale=1.0):
           4 * U * (math.sqrt(S) + 4) + 2 * max_dz)
     check("attention.out", out, ref["out"], ref["out_scale"], probs_rtol + dot_rtol(S))
     untraced = empty(T, C)   # without probs and scores the kernel keeps its rows in scratch: same bits
-    K.attention(untraced, None, qkv, k_cache, v_cache, start_pos)
+    K.attention(untraced, qkv, k_cache, v_cache, start_pos, scratch(S))
     assert_bitwise(untraced, out, "attention out without probs")
     return scores, probs
 
@@ -419,8 +460,7 @@ def test_rows_independent_of_batch(simd):
     T, C, OC, V = 19, 120, 200, 300   # 19 rows: GEMM blocks and a remainder, vs the GEMV of one row
     x, w, b, wte = randn(rng, T, C), randn(rng, C, OC), randn(rng, OC), randn(rng, V, C)
     wp = packed(w)
-    ops = {"linear": (lambda o, r: K.linear(o, r, w, b), OC),
-           "linear_packed": (lambda o, r: K.linear_packed(o, r, wp, b), OC),
+    ops = {"linear_packed": (lambda o, r: K.linear_packed(o, r, wp, b), OC),
            "layernorm": (lambda o, r: K.layernorm(o, r, w[:, 0].copy(), b[:C].copy(), 1e-5), C),
            "lm_head": (lambda o, r: K.lm_head(o, r, wte), V)}
     for name, (run, width) in ops.items():
@@ -441,11 +481,11 @@ def test_attention_prefill_equals_decode(simd):
     caches = [np.zeros((NH, maxT, HS), F32) for _ in range(4)]
     out, probs = empty(T, C), empty(NH, T, T)
     K.kv_write(caches[0], caches[1], qkv, 0)
-    K.attention(out, probs, qkv, caches[0], caches[1], 0)
+    K.attention(out, qkv, caches[0], caches[1], 0, scratch(T), probs=probs)
     for t in range(T):
         step, step_probs = empty(1, C), empty(NH, 1, t + 1)
         K.kv_write(caches[2], caches[3], qkv[t:t + 1], t)
-        K.attention(step, step_probs, qkv[t:t + 1], caches[2], caches[3], t)
+        K.attention(step, qkv[t:t + 1], caches[2], caches[3], t, scratch(t + 1), probs=step_probs)
         assert_bitwise(step[0], out[t], f"attention out, token {t}")
         assert_bitwise(step_probs[:, 0], probs[:, t, :t + 1], f"attention probs, token {t}")
 
@@ -458,28 +498,64 @@ def test_decode_attention_is_each_rows_kv_write_and_attention(simd, NH, HS):
     alone_caches = [filled_cache(rng, NH, maxT, HS, p) for p in positions]
     batch_caches = [(k.copy(), v.copy()) for k, v in alone_caches]
     qkv, out = randn(rng, len(positions), 3 * C), empty(len(positions), C)
-    K.decode_attention(out, qkv, [k for k, _ in batch_caches], [v for _, v in batch_caches], positions)
+    K.decode_attention(out, qkv, [k for k, _ in batch_caches], [v for _, v in batch_caches], positions,
+                       scratch(maxT))
     for b, ((k, v), p) in enumerate(zip(alone_caches, positions)):
         alone = empty(1, C)
         K.kv_write(k, v, qkv[b:b + 1], p)
-        K.attention(alone, None, qkv[b:b + 1], k, v, p)
+        K.attention(alone, qkv[b:b + 1], k, v, p, scratch(p + 1))
         assert_bitwise(out[b], alone[0], f"row {b} at position {p}")
         assert_bitwise(batch_caches[b][0], k, f"k cache of row {b}")
         assert_bitwise(batch_caches[b][1], v, f"v cache of row {b}")
 
 
+@pytest.mark.parametrize("NH, HS, pos", [(12, 64, 0), (12, 64, 37), (6, 20, 9), (3, 7, 16)])
+def test_decode_attention_traced_is_attention(simd, NH, HS, pos):
+    """A traced decode step (B = 1, scores and probs given) fills them bitwise as attention does for the
+    same one-token pass, and its output is the untraced step's."""
+    rng = np.random.default_rng(NH * HS + pos)
+    C, maxT, S = NH * HS, 40, pos + 1
+    k, v = filled_cache(rng, NH, maxT, HS, pos)
+    qkv = randn(rng, 1, 3 * C)
+    runs = {}
+    for how in ("attention", "decode traced", "decode"):
+        kc, vc = k.copy(), v.copy()
+        out, scores, probs = empty(1, C), empty(NH, 1, S), empty(NH, 1, S)
+        if how == "attention":
+            K.kv_write(kc, vc, qkv, pos)
+            K.attention(out, qkv, kc, vc, pos, scratch(S), scores, probs)
+        elif how == "decode traced":
+            K.decode_attention(out, qkv, [kc], [vc], [pos], scratch(S), scores, probs)
+        else:
+            K.decode_attention(out, qkv, [kc], [vc], [pos], scratch(S))
+        runs[how] = out, scores, probs, kc, vc
+    for how in ("decode traced", "decode"):
+        assert_bitwise(runs[how][0], runs["attention"][0], f"{how}: out")
+        assert_bitwise(runs[how][3], runs["attention"][3], f"{how}: k cache")
+    for i, name in ((1, "scores"), (2, "probs")):
+        assert_bitwise(runs["decode traced"][i], runs["attention"][i], f"decode traced: {name}")
+
+
 def test_decode_attention_refuses_bad_arguments():
     NH, HS, maxT = 2, 4, 8
     caches = [np.zeros((NH, maxT, HS), F32) for _ in range(4)]
-    qkv, out = np.zeros((2, 3 * NH * HS), F32), np.zeros((2, NH * HS), F32)
+    qkv, out, work = np.zeros((2, 3 * NH * HS), F32), np.zeros((2, NH * HS), F32), scratch(maxT)
     with pytest.raises(ValueError, match="one per row"):
-        K.decode_attention(out, qkv, caches[:1], caches[1:2], [0, 1])
+        K.decode_attention(out, qkv, caches[:1], caches[1:2], [0, 1], work)
     with pytest.raises(ValueError, match=r"k_caches\[1\]: must not overlap k_caches\[0\]"):
-        K.decode_attention(out, qkv, [caches[0], caches[0]], caches[2:4], [0, 1])
+        K.decode_attention(out, qkv, [caches[0], caches[0]], caches[2:4], [0, 1], work)
     with pytest.raises(ValueError, match="exceed the cache"):
-        K.decode_attention(out, qkv, caches[:2], caches[2:4], [0, maxT])
+        K.decode_attention(out, qkv, caches[:2], caches[2:4], [0, maxT], work)
     with pytest.raises(ValueError, match="out"):
-        K.decode_attention(out[:1], qkv, caches[:2], caches[2:4], [0, 1])
+        K.decode_attention(out[:1], qkv, caches[:2], caches[2:4], [0, 1], work)
+    with pytest.raises(ValueError, match=r"^scores, probs: only for a step of one sequence, got 2"):
+        K.decode_attention(out, qkv, caches[:2], caches[2:4], [0, 1], work, probs=np.zeros((NH, 1, 1), F32))
+    with pytest.raises(ValueError, match=r"^probs: expected shape \(2, 1, 4\), got \(2, 1, 3\)"):
+        K.decode_attention(out[:1], qkv[:1], caches[:1], caches[2:3], [3], work, probs=np.zeros((NH, 1, 3), F32))
+    with pytest.raises(ValueError, match=r"^scratch: expected at least attention_scratch_floats\(8\)"):
+        K.decode_attention(out, qkv, caches[:2], caches[2:4], [7, 1], work[:-1])
+    with pytest.raises(ValueError, match=r"^scratch: must not overlap out"):
+        K.decode_attention(work[:out.size].reshape(out.shape), qkv, caches[:2], caches[2:4], [0, 1], work)
 
 
 # ---- argmax ----
@@ -523,14 +599,14 @@ def valid_args() -> dict[str, dict]:
         "embed": dict(out=empty(T, C), tokens=np.array([0, V - 1], np.int32), wte=randn(rng, V, C),
                       wpe=randn(rng, maxT, C), start_pos=1),
         "layernorm": dict(out=empty(T, C), inp=randn(rng, T, C), weight=randn(rng, C), bias=randn(rng, C), eps=1e-5),
-        "linear": dict(out=empty(T, 3), inp=randn(rng, T, C), weight=randn(rng, C, 3), bias=randn(rng, 3)),
         "linear_packed": dict(out=empty(T, 3), inp=randn(rng, T, C), packed=randn(rng, C * 3), bias=randn(rng, 3)),
         "pack_linear": dict(packed=empty(C * 3), weight=randn(rng, C, 3)),
         "gelu": dict(out=empty(T, C), inp=randn(rng, T, C)),
         "residual": dict(out=empty(T, C), a=randn(rng, T, C), b=randn(rng, T, C)),
         "kv_write": dict(k_cache=cache(), v_cache=cache(), qkv=randn(rng, T, 3 * C), start_pos=2),
         "attention": dict(out=empty(T, C), probs=empty(NH, T, 3), qkv=randn(rng, T, 3 * C), k_cache=cache(),
-                          v_cache=cache(), start_pos=1, scores=empty(NH, T, 3)),
+                          v_cache=cache(), start_pos=1, scratch=np.zeros(K.attention_scratch_floats(3), F32),
+                          scores=empty(NH, T, 3)),
         "lm_head": dict(logits=empty(T, V), inp=randn(rng, T, C), wte=randn(rng, V, C)),
         "argmax": dict(x=randn(rng, V)),
     }
@@ -546,17 +622,15 @@ def as_list(a): return a.tolist()
 
 BAD_ARGUMENTS = [
     # kernel, argument, how it is spoiled, the message (a regex)
-    ("linear", "inp", as_float64, r"^inp: expected dtype float32, got float64"),
-    ("linear", "weight", transposed, r"^weight: expected a C-contiguous array"),
-    ("linear", "inp", strided, r"^inp: expected a C-contiguous array"),
-    ("linear", "out", one_more_row, r"^out: expected shape \(2, 3\), got \(3, 3\)"),
-    ("linear", "out", read_only, r"^out: expected a writable array"),
-    ("linear", "bias", lambda a: a[:2].copy(), r"^bias: expected shape \(3\)"),
-    ("linear", "weight", one_more_row, r"^weight: expected shape \(6, \?\)"),
+    ("linear_packed", "inp", as_float64, r"^inp: expected dtype float32, got float64"),
+    ("linear_packed", "inp", strided, r"^inp: expected a C-contiguous array"),
+    ("linear_packed", "out", one_more_row, r"^out: expected shape \(2, \?\), got \(3, 3\)"),
+    ("linear_packed", "out", read_only, r"^out: expected a writable array"),
     ("linear_packed", "packed", lambda a: a[:-1].copy(), r"^packed: expected shape \(18\), got \(17,\)"),
     ("linear_packed", "bias", lambda a: a[:2].copy(), r"^bias: expected shape \(3\)"),
     ("pack_linear", "packed", lambda a: a.reshape(6, 3), r"^packed: expected shape \(18\)"),
     ("pack_linear", "packed", read_only, r"^packed: expected a writable array"),
+    ("pack_linear", "weight", transposed, r"^weight: expected a C-contiguous array"),
     ("layernorm", "weight", one_more_row, r"^weight: expected shape \(6\)"),
     ("layernorm", "out", as_float64, r"^out: expected dtype float32"),
     ("embed", "tokens", lambda t: t.astype(np.int64), r"^tokens: expected dtype int32, got int64"),
@@ -580,6 +654,9 @@ BAD_ARGUMENTS = [
     ("attention", "v_cache", lambda c: c[:, :3].copy(), r"^v_cache: expected shape \(2, 4, 3\)"),
     ("attention", "start_pos", lambda p: 3, r"positions 3\.\.4 exceed the cache of 4"),
     ("attention", "k_cache", transposed, r"^k_cache: expected a C-contiguous array"),
+    ("attention", "scratch", lambda a: a[:-1].copy(), r"^scratch: expected at least attention_scratch_floats\(3\)"),
+    ("attention", "scratch", read_only, r"^scratch: expected a writable array"),
+    ("attention", "scratch", lambda a: a[None], r"^scratch: expected shape \(\?\)"),
     ("lm_head", "wte", lambda w: np.ascontiguousarray(w[:, :5]), r"^wte: expected shape \(\?, 6\)"),
     ("lm_head", "logits", strided, r"^logits: expected a C-contiguous array"),
     ("lm_head", "inp", as_float64, r"^inp: expected dtype float32"),
@@ -601,10 +678,10 @@ def test_valid_arguments_run(kernel):
 
 def test_read_only_inputs_are_accepted():
     """Weights come from a read-only mmap: inputs need not be writable."""
-    args = valid_args()["linear"]
-    for name in ("inp", "weight", "bias"):
+    args = valid_args()["linear_packed"]
+    for name in ("inp", "packed", "bias"):
         read_only(args[name])
-    K.linear(**args)
+    K.linear_packed(**args)
     assert np.isfinite(args["out"]).all()
 
 
@@ -635,4 +712,4 @@ def test_output_overlapping_an_input_is_rejected():
     rng = np.random.default_rng(0)
     x, w = randn(rng, 4, 128), randn(rng, 128, 128)
     with pytest.raises(ValueError):
-        K.linear(x, x, w, None)
+        K.linear_packed(x, x, packed(w), None)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,14 +11,19 @@ import pytest
 import torch
 
 import llorch
-from llorch.sampling import Sampler
+from llorch.testing import TRAINED_PROMPTS
 from llorch.trace import CHECKPOINTS, Tracer, expected_shape
-from reference.hf import hf_greedy, load_hf
+from llorch.references.hf import hf_greedy, load_hf
 
 torch.set_num_threads(2)
 enc = llorch.tokenizer()
 PROMPTS = ["Hello.", "Hello, I'm a language model,", "The quick brown fox", "In 1905, Einstein",
            "def fibonacci(n):\n    "]
+
+
+def logits_of(model, ids, **options):
+    """forward over ids as a new sequence."""
+    return model.forward(ids, model.new_cache(), **options)
 
 
 def hf_logits(hf, ids):
@@ -31,7 +37,7 @@ def test_greedy_generation_equals_hf(checkpoint, shape):
     model, hf = llorch.load(path), load_hf(path)
     for prompt in PROMPTS:
         ids = enc.encode(prompt)
-        ours = list(model.generate(ids, 64))
+        ours = list(llorch.generate(model, ids, 64))
         assert ours == hf_greedy(hf, ids, 64, llorch.EOT_TOKEN), prompt
 
 
@@ -39,7 +45,7 @@ def test_greedy_generation_equals_hf(checkpoint, shape):
 def test_all_logits_match_hf(checkpoint, shape):
     path = checkpoint(shape)
     ids = enc.encode("Hello, I'm a language model, not a")
-    ours, ref = llorch.load(path).forward(ids), hf_logits(load_hf(path), ids)
+    ours, ref = logits_of(llorch.load(path), ids), hf_logits(load_hf(path), ids)
     assert ours.shape == ref.shape == (len(ids), 50257)
     assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
 
@@ -47,13 +53,14 @@ def test_all_logits_match_hf(checkpoint, shape):
 def test_kv_cache_decoding_equals_recomputing(checkpoint):
     model = llorch.load(checkpoint("gpt2"))
     ids = enc.encode("Hello, I'm a language model,")
-    generated = list(model.generate(ids, 8))
+    generated = list(llorch.generate(model, ids, 8))
     full = ids + generated
-    recomputed = model.forward(full)                     # every position at once, from scratch
-    model.reset()
-    incremental = [model.forward(ids)]
-    for pos, token in enumerate(generated, start=len(ids)):
-        incremental.append(model.forward([token], start_pos=pos))
+    recomputed = logits_of(model, full)                  # every position at once, from scratch
+    cache = model.new_cache()
+    incremental = [model.forward(ids, cache)]
+    for token in generated:                              # each pass continues at the cache's length
+        incremental.append(model.forward([token], cache))
+    assert cache.length == len(full)
     incremental = np.concatenate(incremental)
     assert incremental.shape == recomputed.shape
     assert np.abs(incremental - recomputed).max() <= 1e-5 * np.abs(recomputed).max()
@@ -62,9 +69,8 @@ def test_kv_cache_decoding_equals_recomputing(checkpoint):
 def test_last_logits_is_the_last_row_of_all(checkpoint):
     model = llorch.load(checkpoint("tiny"))
     ids = enc.encode("Hello there")
-    all_rows = model.forward(ids, logits="all")
-    model.reset()
-    last = model.forward(ids, logits="last")
+    all_rows = logits_of(model, ids, logits="all")
+    last = logits_of(model, ids, logits="last")
     assert last.shape == (1, 50257)
     np.testing.assert_array_equal(last[0], all_rows[-1])
 
@@ -74,13 +80,11 @@ def test_a_long_prompt_in_several_passes_is_bitwise_one_pass(checkpoint, monkeyp
     model = llorch.load(checkpoint("tiny"))
     monkeypatch.setattr(llorch.model, "PREFILL_ROWS", 16)   # tiny's context is 128 positions
     ids = np.random.default_rng(0).integers(0, 50257, 2 * 16 + 5)
-    passes = model.forward(ids, logits="all")
-    model.reset()
-    one_pass = model.forward(ids, logits="all", tracer=Tracer())
+    passes = logits_of(model, ids, logits="all")
+    one_pass = logits_of(model, ids, logits="all", tracer=Tracer())
     assert passes.shape == (ids.size, 50257)
     np.testing.assert_array_equal(passes, one_pass)
-    model.reset()
-    np.testing.assert_array_equal(model.forward(ids, logits="last")[0], one_pass[-1])
+    np.testing.assert_array_equal(logits_of(model, ids, logits="last")[0], one_pass[-1])
 
 
 def test_trace_reports_every_checkpoint_with_the_table_shapes(checkpoint):
@@ -88,7 +92,7 @@ def test_trace_reports_every_checkpoint_with_the_table_shapes(checkpoint):
     cfg = model.config
     tracer = Tracer()
     prompt = enc.encode("Hello.")
-    list(model.generate(prompt, 3, tracer=tracer))
+    list(llorch.generate(model, prompt, 3, tracer=tracer))
     names_per_step = [c.name for c in CHECKPOINTS if not c.per_layer and c.name == "embed"]
     names_per_step += [c.name for c in CHECKPOINTS if c.per_layer] * cfg.n_layer
     names_per_step += [c.name for c in CHECKPOINTS if not c.per_layer and c.name != "embed"]
@@ -107,52 +111,35 @@ def test_trace_reports_every_checkpoint_with_the_table_shapes(checkpoint):
 def test_checkpoint_variants_load_like_hf(checkpoint, options):
     path = checkpoint("tiny", **options)
     ids = enc.encode("Hello, I'm a language model,")
-    ours, ref = llorch.load(path).forward(ids), hf_logits(load_hf(path), ids)
+    ours, ref = logits_of(llorch.load(path), ids), hf_logits(load_hf(path), ids)
     assert np.abs(ours - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
 
 
 def test_load_a_safetensors_file_beside_its_config(checkpoint):
     path = checkpoint("tiny")
     ids = enc.encode("Hi")
-    np.testing.assert_array_equal(llorch.load(os.path.join(path, "model.safetensors")).forward(ids),
-                                  llorch.load(path).forward(ids))
+    np.testing.assert_array_equal(logits_of(llorch.load(os.path.join(path, "model.safetensors")), ids),
+                                  logits_of(llorch.load(path), ids))
 
 
 def test_context_is_never_silently_truncated(checkpoint):
     model = llorch.load(checkpoint("tiny"))          # 128 positions
-    with pytest.raises(llorch.ContextError, match="exceeds the context of 128"):
-        model.generate([1] * 100, 29)
-    assert len(list(model.generate([1] * 100, 28))) == 28
+    message = re.escape("prompt of 100 tokens + 29 new tokens exceeds the context of 128 positions")
+    with pytest.raises(llorch.ContextError, match=message):
+        model.check_request([1] * 100, 29)
+    with pytest.raises(llorch.ContextError, match=message):
+        llorch.generate(model, [1] * 100, 29)   # refused at the call, before any pass
+    assert len(list(llorch.generate(model, [1] * 100, 28))) == 28
     with pytest.raises(llorch.ContextError):
-        model.forward([1] * 129)
-    model.reset()
+        logits_of(model, [1] * 129)
     with pytest.raises(ValueError, match="start_pos 5"):
-        model.forward([1], start_pos=5)        # nothing cached yet: positions 0..4 would be garbage
+        logits_of(model, [1], start_pos=5)      # nothing cached yet: positions 0..4 would be garbage
     for bad in ([], [50257], [-1], [[1, 2]], [1.5]):
         with pytest.raises(ValueError):
-            model.forward(bad)
-
-
-def test_sampling_is_seeded_and_respects_top_k_and_top_p(checkpoint):
-    model = llorch.load(checkpoint("tiny"))
-    ids = enc.encode("Hello")
-    greedy = list(model.generate(ids, 12))
-    sampled = list(model.generate(ids, 12, temperature=1.0, seed=7))
-    assert sampled == list(model.generate(ids, 12, temperature=1.0, seed=7))
-    assert sampled != list(model.generate(ids, 12, temperature=1.0, seed=8))
-    assert list(model.generate(ids, 12, temperature=0.8, top_k=1, seed=3)) == greedy
-    assert list(model.generate(ids, 12, temperature=0.8, top_p=1e-9, seed=3)) == greedy
-    logits = model.forward(ids)[-1]
-    top2 = set(np.argsort(-logits)[:2].tolist())
-    sampler = Sampler(temperature=5.0, top_k=2, seed=0)
-    assert {sampler(logits) for _ in range(200)} == top2
-
-
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-1),
-                                    dict(top_p=0.0), dict(top_p=1.5)])
-def test_bad_sampling_options_are_refused(checkpoint, kwargs):
-    with pytest.raises(ValueError):
-        llorch.load(checkpoint("tiny")).generate([1], 4, **kwargs)
+            logits_of(model, bad)
+    for prompt, n in (([], 4), ([1], 0), ([50257], 4)):
+        with pytest.raises(ValueError):
+            model.check_request(prompt, n)
 
 
 def test_bad_checkpoints_are_refused_with_a_message(checkpoint, tmp_path):
@@ -179,9 +166,9 @@ def test_loading_124m_costs_little_more_than_the_weights(checkpoint, tmp_path):
     mapping as they go, then written to the cache) or mapped from the cache by the next load."""
     path = checkpoint("gpt2")
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) pytest parent.
-    script = ("import re, llorch, llorch.model as M; m = llorch.load(%r); list(m.generate([15496, 13], 8)); "
+    script = ("import re, llorch, llorch.weights as W; m = llorch.load(%r); list(llorch.generate(m, [15496, 13], 8)); "
               "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
-              "print(m.weight_bytes, int(peak) * 1024, int(M._mapping(m.wte) is not None))" % path)
+              "print(m.weight_bytes, int(peak) * 1024, int(W.mapped_file(m.weights.wte) is not None))" % path)
     env = {**os.environ, "LLORCH_CACHE_DIR": str(tmp_path)}
     for from_cache in (0, 1):
         weight_bytes, peak_rss, mapped = map(int, subprocess.check_output([sys.executable, "-c", script], env=env).split())
@@ -194,9 +181,33 @@ def test_batched_decoding_is_bitwise_what_each_sequence_gets_alone(checkpoint):
     caches, tokens, alone = [], [], []
     for prompt in PROMPTS[:4]:                  # different lengths: each sequence at its own position
         ids, cache = enc.encode(prompt), model.new_cache()
-        token = int(np.argmax(model.forward(ids, cache=cache, logits="last")))
-        alone.append(model.forward([token], start_pos=len(ids), cache=cache, logits="last"))
+        token = int(np.argmax(model.forward(ids, cache, logits="last")))
+        alone.append(model.forward([token], cache, logits="last"))
         cache.length = len(ids)                 # rewind that decode step, to redo it batched
         caches.append(cache)
         tokens.append(token)
     np.testing.assert_array_equal(model.decode_batch(tokens, caches), np.concatenate(alone))
+    with pytest.raises(ValueError, match="a trace follows one sequence"):
+        model.decode_batch(tokens, caches, tracer=Tracer())
+
+
+def test_a_traced_decode_step_computes_the_bits_of_an_untraced_one(checkpoint):
+    model = llorch.load(checkpoint("odd"))
+    ids, traced, untraced = enc.encode("Hello, I'm a language model,"), model.new_cache(), model.new_cache()
+    token = int(np.argmax(model.forward(ids, untraced, logits="last")))
+    model.forward(ids, traced, logits="last", tracer=Tracer())
+    np.testing.assert_array_equal(model.decode_batch([token], [traced], tracer=Tracer()),
+                                  model.decode_batch([token], [untraced]))
+
+
+def test_the_trained_model_greedy_equals_hf_and_is_varied(trained_checkpoint):
+    """Greedy text of a trained model: many distinct ids with clear top-1 margins, unlike a random model's."""
+    model, hf = llorch.load(trained_checkpoint), load_hf(trained_checkpoint)
+    for prompt in TRAINED_PROMPTS:
+        ids = enc.encode(prompt)
+        ours = list(llorch.generate(model, ids, 64))
+        assert len(set(ours)) >= 20, (prompt, enc.decode(ours))
+        assert ours == hf_greedy(hf, ids, 64, llorch.EOT_TOKEN), prompt
+        ids += ours
+        logits, ref = model.forward(ids, model.new_cache()), hf_logits(hf, ids)
+        assert np.abs(logits - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()

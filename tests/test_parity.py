@@ -8,9 +8,10 @@ failed, earliest first: where llorch and the reference part.
 import pytest
 
 import llorch
+import llorch.testing
 from llorch.compare import compare_traces, format_table
-from llorch.trace import Tracer, forward_order, run_trace
-from reference import DECODE_IDS, PROMPT_IDS, REFERENCES
+from llorch.trace import OneSequence, Tracer, forward_order, run_trace
+from llorch.references import DECODE_IDS, PROMPT_IDS, REFERENCES, build
 
 CASES = [("tiny", "normal"), ("gpt2", "normal"), ("gpt2-medium", "normal"), ("distilgpt2", "normal"),
          ("odd", "normal"), ("head80", "normal"), ("tiny", "outliers"), ("gpt2", "outliers"),
@@ -25,7 +26,7 @@ def llorch_trace(checkpoint):
     def trace(shape, variant):
         if (shape, variant) not in traces:
             model, tracer = llorch.load(checkpoint(shape, variant=variant)), Tracer()
-            run_trace(model, PROMPT_IDS, DECODE_IDS, tracer)
+            run_trace(OneSequence(model), PROMPT_IDS, DECODE_IDS, tracer)
             traces[shape, variant] = tracer, model.config.n_layer
         return traces[shape, variant]
     return trace
@@ -39,3 +40,15 @@ def test_every_checkpoint_matches_the_reference(llorch_trace, reference_trace, s
     failed = [r for r in rows if not r.passed]
     assert not failed, "\n" + format_table(failed[:12])
     assert len(rows) == (1 + len(DECODE_IDS)) * len(forward_order(n_layer))   # every checkpoint, every pass
+
+
+@pytest.mark.parametrize("reference", REFERENCES)
+def test_the_trained_model_matches_the_reference(trained_checkpoint, reference):
+    """A trained model's activations (peaked attention, confident logits) rather than a random one's."""
+    ours, theirs = Tracer(), Tracer()
+    run_trace(OneSequence(llorch.load(trained_checkpoint)), PROMPT_IDS, DECODE_IDS, ours)
+    run_trace(build(reference, trained_checkpoint), PROMPT_IDS, DECODE_IDS, theirs)
+    rows = compare_traces(ours, theirs)
+    failed = [r for r in rows if not r.passed]
+    assert not failed, "\n" + format_table(failed[:12])
+    assert len(rows) == (1 + len(DECODE_IDS)) * len(forward_order(llorch.testing.TRAINED_SHAPE.n_layer))

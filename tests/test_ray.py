@@ -12,6 +12,7 @@ import concurrent.futures
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,8 @@ def llorch_serve(*args: str, block_ray: bool = False) -> subprocess.CompletedPro
     (["--model", "m", "--replicas", "two"], "argument --replicas: invalid int value: 'two'"),
     (["--model", "m", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster 127.0.0.1:1: [Errno 111]"),
     (["--model", "m", "--address", "head"], "cannot reach the Ray cluster head: expected auto, HOST:PORT or"),
+    (["--model", "m", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: set an API key"),
+    (["--model", "m", "--callback-timeout", "0"], "callback_timeout must be > 0, got 0.0"),
 ])
 def test_llorch_serve_bad_options_exit_2_with_one_line(args, message):
     pytest.importorskip("ray.serve", reason="the ray extra (ray[serve]) is not installed")
@@ -88,6 +91,45 @@ def test_llorch_serve_with_a_model_no_replica_can_load_exits_2_naming_the_error(
     assert done.stderr.strip().splitlines()[-1] == ("llorch-serve: error: the application did not start: "
                                                     f"llorch.config.CheckpointError: {tmp_path / 'absent'}: "
                                                     "no such file or directory")
+
+
+def test_llorch_serve_enforces_its_api_key_and_host_check_in_the_replicas_guard(model_path, tmp_path):
+    """llorch-serve --api-key-file on a local Ray: the replica's own guard (llorch-cpud's) refuses a request
+    without the key, with a wrong one, or naming another Host; GET /health stays open."""
+    pytest.importorskip("ray.serve", reason="the ray extra (ray[serve]) is not installed")
+    key_file, port = tmp_path / "key", free_port()
+    key_file.write_text("s3cret\n")
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer s3cret"}
+    args = ["--model", model_path, "--port", str(port), "--threads", "1", "--api-key-file", str(key_file),
+            "--log-level", "error"]
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", f"import sys; from llorch.ray import main; "
+                                    f"sys.exit(main({args!r}))"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def healthy() -> bool:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                return httpx.get(url + "/health", timeout=5).json()["model_loaded"]
+            except (httpx.HTTPError, ValueError):
+                return False
+        wait_until(healthy, "llorch-serve serving")
+        body = job("keyed", max_tokens=4)
+        assert httpx.post(url + "/execute", json=body, timeout=30).status_code == 401
+        assert execute(url, body, headers={"Authorization": "Bearer wrong"}).status == 401
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+        stream = execute(url, body, headers=auth)
+        assert stream.status == 200 and stream.terminal[0] == "end" and len(stream.tokens) == 4
+        assert httpx.get(url + "/v1/models", headers=auth, timeout=30).status_code == 200
+        elsewhere = httpx.post(url + "/execute", json=body, headers={**auth, "Host": "attacker.example"}, timeout=30)
+        assert elsewhere.status_code == 400 and elsewhere.json()["errors"][0]["field"] == "host"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, (tmp_path / "serve.log").read_text()
 
 
 def test_app_builder_options_from_strings_and_bad_ones():
@@ -182,8 +224,10 @@ def test_the_application_announces_itself_once(app, model):
 def test_health_models_and_validation_are_llorch_cpuds(app):
     health = httpx.get(app.url + "/health", timeout=30).json()
     assert health["status"] == "healthy" and health["model_loaded"] and health["max_batch"] == 8
-    assert httpx.get(app.url + "/v1/models", timeout=30).json()["data"][0]["id"] == app.model_path
-    refused = httpx.post(app.url + "/execute", content="{", timeout=30)
+    assert httpx.get(app.url + "/v1/models", timeout=30).json()["data"][0]["id"] == health["model"] == \
+        os.path.basename(app.model_path)   # llorch-cpud's name for it, never its path
+    refused = httpx.post(app.url + "/execute", content="{", headers={"Content-Type": "application/json"},
+                         timeout=30)
     assert refused.status_code == 400 and refused.json()["errors"][0]["constraint"] == "json"
     unknown = httpx.post(app.url + "/cancel", json={"job_id": "nobody"}, timeout=30)
     assert unknown.status_code == 404 and unknown.json()["errors"][0]["field"] == "job_id"

@@ -1,6 +1,6 @@
 """The three independent references agree with each other before any of them judges llorch.
 
-Each reference (tests/reference/: float64 numpy oracle, HF transformers with hooks, tinygrad) runs the
+Each reference (llorch.references: float64 numpy oracle, HF transformers with hooks, tinygrad) runs the
 prompt pass and three teacher-forced decode steps on seeded checkpoints, and every pair must pass
 llorch-compare's check at every checkpoint with the table's tolerances. The traces must also follow the
 table by themselves: every checkpoint once per pass, in order, in the table's shapes, masked attention
@@ -15,7 +15,7 @@ import pytest
 from llorch.compare import compare_traces, format_table
 from llorch.testing import SHAPES
 from llorch.trace import Tracer, expected_shape, forward_order, run_trace, structural_problems
-from reference import DECODE_IDS, PROMPT_IDS, REFERENCES, build
+from llorch.references import DECODE_IDS, PROMPT_IDS, REFERENCES, build
 
 # (shape, variant): small, GPT-2 124M, an odd shape (head_dim 20, width 120), and trained-like outliers
 CASES = [("tiny", "normal"), ("gpt2", "normal"), ("odd", "normal"), ("tiny", "outliers")]

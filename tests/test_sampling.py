@@ -1,10 +1,12 @@
-"""The sampler options the daemon adds (spec 10): repetition penalty (step 1) and min-p (step 6)."""
+"""The sampler (spec 10): greedy, seeded temperature / top-k / top-p sampling through a model, the options
+the daemon adds (repetition penalty, step 1; min-p, step 6), and the options refused."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+import llorch
 from llorch.sampling import Sampler, penalize_repetitions
 
 V = 1000
@@ -47,8 +49,28 @@ def test_defaults_leave_seeded_sampling_unchanged():
     assert [plain(row) for _ in range(32)] == [defaults(row, previous_ids=[1, 2, 3]) for _ in range(32)]
 
 
-@pytest.mark.parametrize("kwargs", [dict(min_p=-0.1), dict(min_p=1.5), dict(repetition_penalty=0.0),
-                                    dict(repetition_penalty=-1.0), dict(repetition_penalty=float("nan"))])
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-1),
+                                    dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=1.5),
+                                    dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
+                                    dict(repetition_penalty=float("nan"))])
 def test_bad_options_are_refused(kwargs):
     with pytest.raises(ValueError):
-        Sampler(1.0, **kwargs)
+        Sampler(**{"temperature": 1.0, **kwargs})
+
+
+def test_sampling_is_seeded_and_respects_top_k_and_top_p(checkpoint):
+    model = llorch.load(checkpoint("tiny"))
+    ids = llorch.tokenizer().encode("Hello")
+
+    def generated(**options) -> list[int]:
+        return list(llorch.generate(model, ids, 12, Sampler(**options)))
+    greedy = generated()
+    sampled = generated(temperature=1.0, seed=7)
+    assert sampled == generated(temperature=1.0, seed=7)
+    assert sampled != generated(temperature=1.0, seed=8)
+    assert generated(temperature=0.8, top_k=1, seed=3) == greedy
+    assert generated(temperature=0.8, top_p=1e-9, seed=3) == greedy
+    logits = model.forward(ids, model.new_cache())[-1]
+    top2 = set(np.argsort(-logits)[:2].tolist())
+    sampler = Sampler(temperature=5.0, top_k=2, seed=0)
+    assert {sampler(logits) for _ in range(200)} == top2

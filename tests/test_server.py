@@ -45,16 +45,17 @@ def free_port() -> int:
 
 
 class Daemon:
-    """llorch-cpud in a subprocess, its stderr in a log file."""
+    """llorch-cpud in a subprocess, its stderr in a log file; env and preexec_fn go to Popen."""
 
-    def __init__(self, model: str, log_path, *options: str) -> None:
+    def __init__(self, model: str, log_path, *options: str, env: dict | None = None, preexec_fn=None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llorch.server", "--model", model, "--port", str(self.port), "--threads", "1",
-             "--worker-id", "test-worker", *options], stdout=self._log, stderr=subprocess.STDOUT)
+             "--worker-id", "test-worker", *options], stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=preexec_fn)
         try:
             self._wait_ready()
         except BaseException:
@@ -135,11 +136,12 @@ class Stream:
         return name, data
 
 
-def execute(url: str, body: dict | str, on_event=None) -> Stream:
+def execute(url: str, body: dict | str, on_event=None, headers: dict | None = None) -> Stream:
     """POST /execute and read the SSE stream; on_event(stream) may return True to hang up early."""
     content = body if isinstance(body, str) else json.dumps(body)
     with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
-        with http.stream("POST", url + "/execute", content=content) as response:
+        with http.stream("POST", url + "/execute", content=content,
+                         headers={"Content-Type": "application/json", **(headers or {})}) as response:
             if response.status_code != 200:
                 response.read()
                 return Stream(response.status_code, response.json())
@@ -159,14 +161,15 @@ def job(job_id: str, prompt: str = "The quick brown fox", max_tokens: int = 16, 
     return {"job_id": job_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **options}
 
 
-def start_in_background(pool: concurrent.futures.Executor, url: str, body: dict, tokens: int = 0):
+def start_in_background(pool: concurrent.futures.Executor, url: str, body: dict, tokens: int = 0,
+                        headers: dict | None = None):
     """execute() on the pool; returns its future once the job has started and streamed `tokens` tokens."""
     ready = threading.Event()
 
     def on_event(stream: Stream) -> None:
         if len(stream.tokens) >= tokens:
             ready.set()
-    running = pool.submit(execute, url, body, on_event)
+    running = pool.submit(execute, url, body, on_event, headers)
     assert ready.wait(30), running.result()
     return running
 
@@ -175,13 +178,13 @@ def greedy_text(model, prompt: str, max_tokens: int, repetition_penalty: float =
     """The text a greedy job should produce, computed in-process, stopping after <|endoftext|>."""
     ids = enc.encode(prompt)
     sampler, cache, out = Sampler(0.0, repetition_penalty=repetition_penalty), model.new_cache(), []
-    logits = model.forward(ids, logits="last", cache=cache)
+    logits = model.forward(ids, cache, logits="last")
     while True:
         token = sampler(logits[0], ids + out)
         out.append(token)
         if token == llorch.EOT_TOKEN or len(out) == max_tokens:
             return enc.decode([t for t in out if t != llorch.EOT_TOKEN])
-        logits = model.forward([token], start_pos=cache.length, logits="last", cache=cache)
+        logits = model.forward([token], cache, logits="last")
 
 
 class CallbackReceiver(http.server.ThreadingHTTPServer):
@@ -239,7 +242,7 @@ def daemon(model_path, callback, tmp_path_factory):
 
 # ---- the worker contract ----
 
-def test_health_and_startup_callback(daemon, model, callback):
+def test_health_and_startup_callback(daemon, model, model_path, callback):
     health = daemon.health()
     assert health["status"] == "healthy" and health["model_loaded"] is True
     assert health["memory_type"] == "cpu" and health["memory_bytes"] >= model.weight_bytes
@@ -247,8 +250,9 @@ def test_health_and_startup_callback(daemon, model, callback):
     deadline = time.monotonic() + 10
     while not callback.bodies and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert callback.bodies == [{"worker_id": "test-worker", "model_ref": health["model"],
+    assert callback.bodies == [{"worker_id": "test-worker", "model_ref": str(model_path),
                                 "memory_bytes": model.weight_bytes, "uri": daemon.url}]
+    assert daemon.health()["callback_delivered"] is True
 
 
 def test_tokens_are_streamed_as_they_are_produced(daemon, model):

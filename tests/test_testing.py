@@ -5,6 +5,8 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ import torch
 from safetensors import safe_open
 
 import llorch
-from llorch.testing import SHAPES, make_checkpoint
+from llorch.testing import SHAPES, TRAINED_SHAPE, hf_config, make_checkpoint, stdlib_corpus
+from test_model import logits_of
 
 _DATA = os.path.join(os.path.dirname(llorch.__file__), "data")
 
@@ -117,3 +120,37 @@ def test_big_ln_gains_and_biases(checkpoint):
 def test_bad_arguments_are_refused(tmp_path, arguments):
     with pytest.raises(ValueError):
         make_checkpoint(tmp_path, "tiny", **arguments)
+
+
+def test_the_stdlib_corpus_is_the_sorted_top_level_modules():
+    corpus = stdlib_corpus(200_000)
+    names = [os.path.basename(p) for p in corpus]
+    assert names == sorted(names) and all(n.endswith(".py") for n in names)
+    assert corpus == stdlib_corpus(200_000)
+    sizes = [os.path.getsize(p) for p in corpus]
+    assert sum(sizes[:-1]) < 200_000 <= sum(sizes)     # files are added until the budget is reached
+
+
+def test_training_is_reproducible_and_writes_hugging_faces_layout(tmp_path):
+    """A two-step training, twice: the same bytes; HF loads it and agrees with llorch."""
+    from llorch.references.hf import load_hf
+    runs = [subprocess.run([sys.executable, "-m", "llorch.testing", "train", str(tmp_path / run), "--steps", "2",
+                            "--corpus-bytes", "20000"], capture_output=True, text=True, check=True)
+            for run in ("a", "b")]
+    summary = json.loads(runs[0].stdout)
+    assert summary["steps"] == 2 and summary["parameters"] > 3_000_000 and "step 1/2: loss" in runs[0].stderr
+    assert filecmp.cmp(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors", shallow=False)
+    tensors = _tensors(str(tmp_path / "a"))
+    assert {t.dtype for t in tensors.values()} == {torch.float16} and "lm_head.weight" not in tensors
+    with open(tmp_path / "a" / "config.json", encoding="utf-8") as f:
+        assert json.load(f) == hf_config(TRAINED_SHAPE)
+    ids = [15496, 11, 314, 1101]
+    with torch.no_grad():
+        ref = load_hf(str(tmp_path / "a"))(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(logits_of(llorch.load(str(tmp_path / "a")), ids) - ref).max() <= 1e-4
+
+
+def test_the_committed_trained_model_is_the_training_commands_shape(trained_checkpoint):
+    with open(os.path.join(trained_checkpoint, "config.json"), encoding="utf-8") as f:
+        assert json.load(f) == hf_config(TRAINED_SHAPE)
+    assert {t.dtype for t in _tensors(trained_checkpoint).values()} == {torch.float16}

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import llorch
-import llorch.model
+import llorch.weights
+from llorch import _kernels as K
+from llorch import weight_cache
 from llorch.testing import make_checkpoint
 
 PROMPT = [15496, 11, 314, 1101, 257]
@@ -26,16 +31,16 @@ def cached_files(directory) -> list[str]:
 
 
 def logits(model) -> np.ndarray:
-    return model.forward(PROMPT, logits="all")
+    return model.forward(PROMPT, model.new_cache(), logits="all")
 
 
 def test_a_second_load_maps_the_cache_and_computes_the_same_bits(checkpoint, cache_dir):
     path = checkpoint("odd")
     first = llorch.load(path)
-    assert llorch.model._mapping(first.wte) is None         # prepared in this process's memory
+    assert llorch.weights.mapped_file(first.weights.wte) is None         # prepared in this process's memory
     assert [f.endswith(".safetensors") for f in cached_files(cache_dir)] == [True]
     second = llorch.load(path)
-    assert llorch.model._mapping(second.wte) is not None    # mapped from the cache file
+    assert llorch.weights.mapped_file(second.weights.wte) is not None    # mapped from the cache file
     np.testing.assert_array_equal(logits(second), logits(first))
     assert len(cached_files(cache_dir)) == 1
 
@@ -45,7 +50,7 @@ def test_a_rewritten_checkpoint_is_never_served_from_the_cache(tmp_path, cache_d
     before = logits(llorch.load(path))
     make_checkpoint(tmp_path / "model", "tiny", seed=2)      # same names, shapes and size; new values
     after = llorch.load(path)
-    assert llorch.model._mapping(after.wte) is None
+    assert llorch.weights.mapped_file(after.weights.wte) is None
     assert not np.array_equal(logits(after), before)
     np.testing.assert_array_equal(logits(llorch.load(path)), logits(after))
     assert len(cached_files(cache_dir)) == 1      # the earlier version's file is gone
@@ -66,16 +71,16 @@ def test_a_damaged_cache_file_is_replaced(tmp_path, cache_dir, damage):
         [other] = [f for f in cached_files(cache_dir) if f != name]
         os.replace(cache_dir / other, cached)
     reloaded = llorch.load(path)
-    assert llorch.model._mapping(reloaded.wte) is None       # prepared again ...
+    assert llorch.weights.mapped_file(reloaded.weights.wte) is None       # prepared again ...
     np.testing.assert_array_equal(logits(reloaded), want)
-    assert llorch.model._mapping(llorch.load(path).wte) is not None   # ... and cached again
+    assert llorch.weights.mapped_file(llorch.load(path).weights.wte) is not None   # ... and cached again
 
 
 def test_caching_off_writes_nothing(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("LLORCH_CACHE_DIR", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = llorch.load(checkpoint("tiny"))
-    assert llorch.model._mapping(model.wte) is None
+    assert llorch.weights.mapped_file(model.weights.wte) is None
     assert os.listdir(tmp_path) == []
 
 
@@ -86,3 +91,75 @@ def test_an_unwritable_cache_directory_only_means_no_cache(checkpoint, tmp_path,
     want = logits(llorch.load(checkpoint("tiny")))
     np.testing.assert_array_equal(logits(llorch.load(checkpoint("tiny"))), want)
     assert blocked.read_text() == "not a directory"
+
+
+def panels_in_numpy(width: int):
+    """A packing function of the panel layout (spec: llorch.h) written in numpy, for any panel width."""
+    def pack(packed, weight):
+        packed[:] = np.concatenate([weight[:, p:p + width].ravel() for p in range(0, weight.shape[1], width)])
+    return pack
+
+
+def test_the_cache_key_follows_the_packing_layout():
+    """The key's layout part is a fingerprint of what the packing makes, not a version to bump: the kernel
+    and a numpy copy of its layout agree, another panel width or no packing at all gives another key."""
+    ours = weight_cache.layout_fingerprint(K.pack_linear)
+    assert weight_cache.layout_fingerprint(panels_in_numpy(K.PANEL)) == ours
+    others = {weight_cache.layout_fingerprint(pack) for pack in (
+        panels_in_numpy(K.PANEL // 2), panels_in_numpy(2 * K.PANEL), lambda packed, w: np.copyto(packed, w.ravel()))}
+    assert len(others) == 3 and ours not in others
+
+
+class _FailingAfterOne(dict):
+    """Tensors whose second one raises as the writer reaches it: an interrupt in the middle of a write."""
+
+    def __init__(self, tensors, error):
+        super().__init__(tensors)
+        self.error = error
+
+    def values(self):
+        first, *_ = super().values()
+        yield first
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("injected"), OSError(28, "No space left")])
+def test_an_interrupted_write_leaves_no_file(cache_dir, error):
+    tensors = {"a": np.ones(1 << 16, np.float32), "b": np.ones(4, np.float32)}
+    target = str(cache_dir / "0123456789abcdef-0123456789abcdef.safetensors")
+    if isinstance(error, OSError):    # best effort: swallowed
+        weight_cache.write(target, _FailingAfterOne(tensors, error))
+    else:
+        with pytest.raises(type(error)):
+            weight_cache.write(target, _FailingAfterOne(tensors, error))
+    assert cached_files(cache_dir) == []
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_partials_are_swept_and_live_writers_kept(checkpoint, cache_dir):
+    cache_dir.mkdir()
+    age = weight_cache.STALE_PARTIAL_SECONDS + 60
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            partials = {
+                f"writer-{dead_pid()}-dead.partial": "swept",            # its writer was killed
+                f"writer-{live.pid}-live.partial": "kept",               # being written right now
+                f"writer-{live.pid}-idle.partial": "swept",              # a reused pid: no write for too long
+                "tmpk3j4l5.partial": "swept",                            # unnamed writer, idle too long
+                "tmp0a1b2c.partial": "kept",                             # unnamed writer, just written
+            }
+            for name, fate in partials.items():
+                (cache_dir / name).write_bytes(b"\0" * 64)
+                if name.endswith(("idle.partial", "tmpk3j4l5.partial")):
+                    os.utime(cache_dir / name, (time.time() - age, time.time() - age))
+            llorch.load(checkpoint("tiny"))
+        finally:
+            live.kill()
+    left = cached_files(cache_dir)
+    assert sorted(n for n in left if n.endswith(".partial")) == sorted(n for n, f in partials.items() if f == "kept")
+    assert sum(n.endswith(".safetensors") for n in left) == 1

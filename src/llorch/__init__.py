@@ -2,18 +2,19 @@
 
     model = llorch.load("path/to/gpt2")          # a HF GPT-2 directory or .safetensors file
     enc = llorch.tokenizer()
-    for token in model.generate(enc.encode("Hello."), max_new_tokens=16):
+    for token in llorch.generate(model, enc.encode("Hello."), max_new_tokens=16):
         print(enc.decode([token]), end="")
 """
 
-__version__ = "0.1.0"
-
-from .config import CheckpointError, GPT2Config  # noqa: E402
-from .model import GPT2, ContextError, load  # noqa: E402
-from .runtime import build_info, configure_from_env, select_simd, set_num_threads  # noqa: E402
-from .tokenizer import EOT_TOKEN, tokenizer  # noqa: E402
+from .version import __version__
+from .config import CheckpointError, GPT2Config
+from .generate import Session, StopReason, generate
+from .model import GPT2, ContextError, KVCache, load
+from .runtime import build_info, configure_from_env, select_simd, set_num_threads
+from .sampling import Sampler
+from .tokenizer import EOT_TOKEN, tokenizer
 
 configure_from_env()
 
-__all__ = ["GPT2", "GPT2Config", "CheckpointError", "ContextError", "EOT_TOKEN", "build_info", "load",
-           "select_simd", "set_num_threads", "tokenizer"]
+__all__ = ["GPT2", "GPT2Config", "CheckpointError", "ContextError", "EOT_TOKEN", "KVCache", "Sampler", "Session",
+           "StopReason", "build_info", "generate", "load", "select_simd", "set_num_threads", "tokenizer"]

@@ -10,38 +10,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t
 
 
-cdef extern from "llorch.h" nogil:
-    void ll_embed(float* out, const int32_t* tokens, const float* wte, const float* wpe,
-                  int T, int C, int start_pos)
-    void ll_layernorm(float* out, const float* inp, const float* weight, const float* bias,
-                      int T, int C, float eps)
-    void ll_linear(float* out, const float* inp, const float* weight, const float* bias,
-                   int T, int C, int OC)
-    void ll_pack_linear(float* packed, const float* weight, int C, int OC)
-    void ll_linear_packed(float* out, const float* inp, const float* packed, const float* bias,
-                          int T, int C, int OC)
-    int LLORCH_PANEL
-    void ll_gelu(float* out, const float* inp, int N)
-    void ll_residual(float* out, const float* a, const float* b, int N)
-    void ll_kv_write(float* k_cache, float* v_cache, const float* qkv,
-                     int T, int C, int NH, int start_pos, int maxT)
-    void ll_attention(float* out, float* scores, float* probs, const float* qkv,
-                      const float* k_cache, const float* v_cache,
-                      int T, int C, int NH, int start_pos, int maxT)
-    void ll_decode_attention(float* out, const float* qkv, float** k_caches, float** v_caches,
-                             const int* pos, int B, int C, int NH, int maxT)
-    void ll_lm_head(float* logits, const float* inp, const float* wte, int T, int C, int V)
-    int ll_argmax(const float* x, int N)
-    int ll_select_simd(const char* name)
-    const char* ll_simd_selected()
-    const char* ll_simd_compiled()
-    const char* ll_simd_supported()
-    void ll_set_num_threads(int n)
-    int ll_max_threads()
-    int ll_parallel_team_size()
-    int ll_openmp_version()
-    const char* ll_compiler()
-
+# cdef extern declarations of every function of csrc/llorch.h, generated from it by setup.py.
+include "_llorch_h.pxi"
 
 cimport numpy as cnp
 
@@ -162,22 +132,6 @@ cdef const float* _bias_cptr(bias, int OC) except? NULL:
     return _cptr(bias)
 
 
-def linear(out, inp, weight, bias):
-    """out [T, OC] = inp [T, C] @ weight [C, OC] + bias [OC] (bias may be None)."""
-    _array(inp, "inp", np.float32, (None, None))
-    cdef int T = inp.shape[0], C = inp.shape[1]
-    _array(weight, "weight", np.float32, (C, None))
-    cdef int OC = weight.shape[1]
-    _array(out, "out", np.float32, (T, OC), True)
-    cdef const float* b = _bias_cptr(bias, OC)
-    _distinct(out, "out", ((inp, "inp"), (weight, "weight"), (bias, "bias")))
-    cdef float* o = _ptr(out)
-    cdef const float* x = _cptr(inp)
-    cdef const float* w = _cptr(weight)
-    with nogil:
-        ll_linear(o, x, w, b, T, C, OC)
-
-
 PANEL = LLORCH_PANEL
 
 
@@ -195,7 +149,8 @@ def pack_linear(packed, weight):
 
 def linear_packed(out, inp, packed, bias):
     """out [T, OC] = inp [T, C] @ weight + bias [OC] (bias may be None), weight given as
-    pack_linear(weight): packed [C * OC]. Bitwise what linear(out, inp, weight, bias) gives."""
+    pack_linear(weight): packed [C * OC]. Each output is one chain over C in order, so a row's bits depend
+    on neither T nor the thread count."""
     _array(inp, "inp", np.float32, (None, None))
     cdef int T = inp.shape[0], C = inp.shape[1]
     _array(out, "out", np.float32, (T, None), True)
@@ -262,39 +217,65 @@ def kv_write(k_cache, v_cache, qkv, int start_pos):
         ll_kv_write(kc, vc, x, T, C, NH, start_pos, maxT)
 
 
-def attention(out, probs, qkv, k_cache, v_cache, int start_pos, scores=None):
-    """out [T, C] = causal attention of qkv's queries over the cache; probs and scores [NH, T, S], when
-    given (not None), are filled too."""
+def attention_scratch_floats(int S):
+    """Floats of scratch attention and decode_attention need to attend to S positions with the current
+    thread count (set_num_threads). A buffer sized for n_positions serves every pass."""
+    if S < 0:
+        raise ValueError(f"S must be at least 0, got {S}")
+    return ll_attention_scratch_floats(S)
+
+
+cdef float* _scratch(scratch, int S, others) except? NULL:
+    """The scratch array of an attention kernel: float32 [n], writable, n >= attention_scratch_floats(S),
+    overlapping none of the other arguments."""
+    _array(scratch, "scratch", np.float32, (None,), True)
+    cdef size_t need = ll_attention_scratch_floats(S)
+    if <size_t>scratch.shape[0] < need:
+        raise ValueError(f"scratch: expected at least attention_scratch_floats({S}) = {need} floats, "
+                         f"got {scratch.shape[0]}")
+    _distinct(scratch, "scratch", others)
+    return _ptr(scratch)
+
+
+cdef float* _trace_output(a, str name, tuple shape) except? NULL:
+    """An optional output for tracing (scores, probs): NULL for None, else checked against shape."""
+    if a is None:
+        return NULL
+    _array(a, name, np.float32, shape, True)
+    return _ptr(a)
+
+
+def attention(out, qkv, k_cache, v_cache, int start_pos, scratch, scores=None, probs=None):
+    """out [T, C] = causal attention of qkv's queries over the cache; scores and probs [NH, T, S], when
+    given (not None), are filled too. scratch: float32 [attention_scratch_floats(S) or more]."""
     cdef int T, C, NH, maxT
     _check_cache(qkv, k_cache, v_cache, start_pos, &T, &C, &NH, &maxT)
     cdef int S = start_pos + T
     _array(out, "out", np.float32, (T, C), True)
-    cdef float* p = NULL
-    if probs is not None:
-        _array(probs, "probs", np.float32, (NH, T, S), True)
-        p = _ptr(probs)
-    cdef float* sc = NULL
-    if scores is not None:
-        _array(scores, "scores", np.float32, (NH, T, S), True)
-        sc = _ptr(scores)
+    cdef float* sc = _trace_output(scores, "scores", (NH, T, S))
+    cdef float* p = _trace_output(probs, "probs", (NH, T, S))
+    inputs = ((qkv, "qkv"), (k_cache, "k_cache"), (v_cache, "v_cache"))
     for buf, buf_name in ((out, "out"), (probs, "probs"), (scores, "scores")):
         if buf is not None:
-            _distinct(buf, buf_name, ((qkv, "qkv"), (k_cache, "k_cache"), (v_cache, "v_cache")))
+            _distinct(buf, buf_name, inputs)
     _distinct(out, "out", ((probs, "probs"), (scores, "scores")))
     if probs is not None:
         _distinct(probs, "probs", ((scores, "scores"),))
+    cdef float* work = _scratch(scratch, S, inputs + ((out, "out"), (probs, "probs"), (scores, "scores")))
     cdef float* o = _ptr(out)
     cdef const float* x = _cptr(qkv)
     cdef const float* kc = _cptr(k_cache)
     cdef const float* vc = _cptr(v_cache)
     with nogil:
-        ll_attention(o, sc, p, x, kc, vc, T, C, NH, start_pos, maxT)
+        ll_attention(o, sc, p, work, x, kc, vc, T, C, NH, start_pos, maxT)
 
 
-def decode_attention(out, qkv, k_caches, v_caches, positions):
+def decode_attention(out, qkv, k_caches, v_caches, positions, scratch, scores=None, probs=None):
     """One decode step of B sequences: row b of qkv [B, 3C] is sequence b's token at positions[b]; its k, v
     go into k_caches[b], v_caches[b] [NH, maxT, HS] and row b of out [B, C] is its attention, bitwise as
-    kv_write + attention of a one-token pass."""
+    kv_write + attention of a one-token pass. scores and probs [NH, 1, positions[0] + 1] (B = 1 only, for
+    tracing) receive what that attention call would give. scratch: float32
+    [attention_scratch_floats(max(positions) + 1) or more]."""
     cdef int B = len(k_caches)
     if B == 0 or len(v_caches) != B or len(positions) != B:
         raise ValueError(f"k_caches, v_caches, positions: expected one per row of qkv (at least one), got "
@@ -307,8 +288,15 @@ def decode_attention(out, qkv, k_caches, v_caches, positions):
             raise ValueError(f"k_caches[{b}]: expected the shape of k_caches[0], {k_caches[0].shape}, "
                              f"got {k_caches[b].shape}")
     _array(out, "out", np.float32, (B, C), True)
-    _disjoint([(out, "out"), (qkv, "qkv")] + [(k_caches[b], f"k_caches[{b}]") for b in range(B)]
-              + [(v_caches[b], f"v_caches[{b}]") for b in range(B)])
+    if B > 1 and (scores is not None or probs is not None):
+        raise ValueError(f"scores, probs: only for a step of one sequence, got {B}")
+    cdef int S = positions[0] + 1
+    cdef float* sc = _trace_output(scores, "scores", (NH, 1, S))
+    cdef float* p = _trace_output(probs, "probs", (NH, 1, S))
+    named = [(out, "out"), (qkv, "qkv")] + [(k_caches[b], f"k_caches[{b}]") for b in range(B)] \
+        + [(v_caches[b], f"v_caches[{b}]") for b in range(B)]
+    _disjoint(named + [(a, name) for a, name in ((scores, "scores"), (probs, "probs")) if a is not None])
+    cdef float* work = _scratch(scratch, max(positions) + 1, named + [(scores, "scores"), (probs, "probs")])
     cdef float** kc = <float**>PyMem_Malloc(B * sizeof(float*))
     cdef float** vc = <float**>PyMem_Malloc(B * sizeof(float*))
     cdef int* pos = <int*>PyMem_Malloc(B * sizeof(int))
@@ -321,7 +309,7 @@ def decode_attention(out, qkv, k_caches, v_caches, positions):
     cdef const float* x = _cptr(qkv)
     try:
         with nogil:
-            ll_decode_attention(o, x, kc, vc, pos, B, C, NH, maxT)
+            ll_decode_attention(o, sc, p, work, x, kc, vc, pos, B, C, NH, maxT)
     finally:
         PyMem_Free(kc); PyMem_Free(vc); PyMem_Free(pos)
 

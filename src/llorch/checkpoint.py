@@ -7,6 +7,10 @@ float16 and bfloat16 tensors are upcast to float32 copies.
 
 HF stores GPT-2's linear layers as Conv1D with weight [in, out] (y = x @ W + b): that is the layout the
 linear kernel expects, so no weight is transposed here.
+
+The reader is our own rather than the safetensors package's: its numpy loader copies every tensor, while
+these views of one mapping cost no memory until the model repacks them and let it release the mapped pages
+as it goes (llorch.weights); and every way a file can be broken gets a message naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -30,20 +34,29 @@ _SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+# Each block's tensors: the HF name within block i ("h.{i}." + name) -> its shape in multiples of n_embd,
+# in the order HF saves them. The model's Block, expected_shapes and llorch.testing all read this one table.
+BLOCK_TENSORS: dict[str, tuple[int, ...]] = {
+    "ln_1.weight": (1,), "ln_1.bias": (1,),
+    "attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (3,),
+    "attn.c_proj.weight": (1, 1), "attn.c_proj.bias": (1,),
+    "ln_2.weight": (1,), "ln_2.bias": (1,),
+    "mlp.c_fc.weight": (1, 4), "mlp.c_fc.bias": (4,),
+    "mlp.c_proj.weight": (4, 1), "mlp.c_proj.bias": (1,),
+}
+
+
+def block_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """BLOCK_TENSORS with the shapes in numbers: {"attn.c_attn.weight": (C, 3C), ...}."""
+    return {name: tuple(m * cfg.n_embd for m in multiples) for name, multiples in BLOCK_TENSORS.items()}
+
+
 def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor a GPT-2 checkpoint must hold, by HF name (without the `transformer.` prefix)."""
     C, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
     shapes = {"wte.weight": (V, C), "wpe.weight": (P, C)}
     for i in range(cfg.n_layer):
-        h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
-            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
-            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
-        })
+        shapes.update({f"h.{i}.{name}": shape for name, shape in block_shapes(cfg).items()})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return shapes
 
@@ -110,6 +123,12 @@ class SafetensorsFile:
             if end > furthest_end:
                 furthest_end, owner = end, name
 
+    def stored_bytes(self, name: str) -> tuple[str, list[int], bytes]:
+        """(dtype, shape, the raw bytes) of a tensor as the file stores it."""
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        return entry["dtype"], entry["shape"], self._map[self.data_start + begin:self.data_start + end]
+
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as float32: a read-only view of the mapped file when stored as aligned F32."""
         entry = self.header[name]
@@ -166,7 +185,10 @@ def load_weights(files: list[str], cfg: GPT2Config) -> dict[str, np.ndarray]:
     for path in files:
         st = SafetensorsFile(path)
         for stored in st.header:
-            located[stored.removeprefix("transformer.")] = (st, stored)
+            name = stored.removeprefix("transformer.")
+            if name in located:
+                _check_same_tensor(located[name], (st, stored))
+            located[name] = (st, stored)
 
     expected = expected_shapes(cfg)
     missing = [n for n in expected if n not in located]
@@ -197,6 +219,17 @@ def load_weights(files: list[str], cfg: GPT2Config) -> dict[str, np.ndarray]:
         warnings.warn(f"{files[0]}: ignoring {len(unknown)} tensor(s) that GPT-2 does not use: "
                       f"{', '.join(unknown[:5])}", stacklevel=2)
     return weights
+
+
+def _check_same_tensor(first: tuple[SafetensorsFile, str], second: tuple[SafetensorsFile, str]) -> None:
+    """One tensor stored under two accepted names ("wte.weight" and "transformer.wte.weight"): refused
+    unless both hold the same dtype, shape and bytes, when either gives the same model. Otherwise which
+    one is meant is a guess, and HF's loader and llorch might guess differently."""
+    (st_a, a), (st_b, b) = first, second
+    if st_a.stored_bytes(a) != st_b.stored_bytes(b):
+        where = st_a.path if st_a.path == st_b.path else f"{st_a.path} and {st_b.path}"
+        raise CheckpointError(f"{where}: tensors {a!r} and {b!r} are the same GPT-2 tensor with different "
+                              f"contents; keep one of them")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:

@@ -15,18 +15,18 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import llorch
 from llorch.checkpoint import resolve_weight_files
-from llorch.generate import generate
+from llorch.console import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
+from llorch.generate import Session, run as run_session
 from llorch.hub import resolve_model
 from llorch.sampling import Sampler
-from llorch.stream import StopStrings, StreamDecoder
+from llorch.stream import StopStrings
 from llorch.trace import DirectoryTracer
 
 PROG = "llorch-run"
-EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130   # 130 = 128 + SIGINT, as shells report Ctrl-C
 LARGE_CHECKPOINT_BYTES = 1 << 30   # smaller checkpoints load too fast to need a progress line
 READ_CHUNK_BYTES = 64 << 20
 
@@ -52,39 +52,6 @@ threads: --threads, else LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else all core
 exit codes: 0 done, 2 bad input (one line on stderr), 1 internal error (LLORCH_DEBUG=1 shows the
 traceback), 130 interrupted.
 """
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line, `llorch-run: error: ...`, exit 2: for bad options and every other bad input."""
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= minimum."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
-        return number
-    return parse
-
-
-def token_ids(value: str) -> list[int]:
-    """--prompt-ids: comma-separated ids of GPT-2's vocabulary."""
-    vocab = llorch.tokenizer().n_vocab
-    ids = []
-    for item in value.split(","):
-        try:
-            ids.append(int(item))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a token id (expected e.g. 464,3139)") from None
-        if not 0 <= ids[-1] < vocab:
-            raise argparse.ArgumentTypeError(f"token id {ids[-1]} is outside GPT-2's vocabulary [0, {vocab})")
-    return ids
 
 
 def build_parser() -> ArgumentParser:
@@ -171,38 +138,17 @@ def read_with_progress(model_path: str) -> None:
     sys.stderr.write("\r\033[K")   # erase the progress line
 
 
-@dataclass
-class Generation:
-    tokens: list[int]
-    stop_reason: str        # "max_tokens", "eos" or "stop"
-    text: str               # the continuation, cut before a stop string, without the eos token
-    started: float          # perf_counter before the prompt pass
-    first_token_at: float
-    last_token_at: float
-
-
-def run_generation(token_stream: Iterator[int], decoder: StreamDecoder, stops: StopStrings,
-                   show: Callable[[str], None], eos_token_id: int | None) -> Generation:
-    """Consume the generator, passing each piece of text to show as soon as it is whole and before any
-    stop string; stop at eos or a stop string."""
-    tokens, stop_reason = [], "max_tokens"
-    started = first_token_at = last_token_at = time.perf_counter()
+def run_generation(model: llorch.GPT2, session: Session, show: Callable[[str], None], tracer=None) -> float:
+    """Run the session, passing each piece of text to show as soon as it is released. Returns when the
+    prompt pass started (perf_counter)."""
+    started = time.perf_counter()
     try:
-        for token in token_stream:
-            last_token_at = time.perf_counter()
-            if not tokens:
-                first_token_at = last_token_at
-            tokens.append(token)
-            if token == eos_token_id:
-                stop_reason = "eos"
-                break
-            show(stops.push(decoder.push(token)))
-            if stops.stopped:
-                stop_reason = "stop"
-                break
-    finally:   # the text held back, at the end or on Ctrl-C
-        show(stops.push(decoder.flush()) + stops.flush())
-    return Generation(tokens, stop_reason, stops.text, started, first_token_at, last_token_at)
+        for step in run_session(model, session, tracer):
+            show(step.text)
+    except KeyboardInterrupt:
+        show(session.flush())   # the text held back
+        raise
+    return started
 
 
 @dataclass
@@ -213,22 +159,22 @@ class Timings:
     decode_tok_s: float | None   # None when one token was generated: no decode step was timed
 
     @classmethod
-    def of(cls, load_s: float, n_prompt: int, run: Generation) -> "Timings":
-        ttft = run.first_token_at - run.started
+    def of(cls, load_s: float, started: float, run: Session) -> "Timings":
+        ttft = run.first_token_at - started
         n_decoded = len(run.tokens) - 1
         decode_tok_s = n_decoded / (run.last_token_at - run.first_token_at) if n_decoded else None
-        return cls(load_s, ttft, n_prompt / ttft, decode_tok_s)
+        return cls(load_s, ttft, len(run.prompt_ids) / ttft, decode_tok_s)
 
-    def summary(self, n_prompt: int, run: Generation) -> str:
+    def summary(self, run: Session) -> str:
         """llama.cpp's performance lines: load, prompt eval (up to the first token), eval (one pass per token)."""
         lines = [f"load time        = {self.load_s * 1e3:10.2f} ms",
-                 f"prompt eval time = {self.ttft_s * 1e3:10.2f} ms / {n_prompt:5d} tokens "
+                 f"prompt eval time = {self.ttft_s * 1e3:10.2f} ms / {len(run.prompt_ids):5d} tokens "
                  f"({self.prefill_tok_s:8.2f} tokens per second, time to first token)"]
         if self.decode_tok_s is not None:
             decode_ms, n_decoded = (run.last_token_at - run.first_token_at) * 1e3, len(run.tokens) - 1
             lines.append(f"eval time        = {decode_ms:10.2f} ms / {n_decoded:5d} tokens "
                          f"({self.decode_tok_s:8.2f} tokens per second)")
-        lines.append(f"stop reason      = {run.stop_reason} ({len(run.tokens)} new tokens)")
+        lines.append(f"stop reason      = {run.stop_reason.value} ({len(run.tokens)} new tokens)")
         return "\n".join(lines) + "\n"
 
 
@@ -248,7 +194,7 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
     try:   # every check that needs no model, before a large checkpoint is loaded
         prompt_text, prompt_ids = read_prompt(args, encoding)
         sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        stops = StopStrings(args.stop)
+        StopStrings.check(args.stop)
     except ValueError as e:
         parser.error(str(e))
 
@@ -271,25 +217,25 @@ def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
             except OSError as e:
                 parser.error(f"cannot write the trace to {args.trace}: {e.strerror}")
         try:
-            token_stream = generate(model, prompt_ids, args.max_new_tokens, sampler, eos_token_id, tracer)
+            session = Session(model, prompt_ids, args.max_new_tokens, sampler, eos_token_id=eos_token_id,
+                              stop=args.stop)
         except ValueError as e:   # a ContextError, or prompt ids outside a smaller model's vocabulary
             parser.error(str(e))
         if streaming and args.display_prompt:
             write_stdout(prompt_text)
-        generation = run_generation(token_stream, StreamDecoder(encoding), stops,
-                                    write_stdout if streaming else lambda piece: None, eos_token_id)
-    timings = Timings.of(load_s, len(prompt_ids), generation)
+        started = run_generation(model, session, write_stdout if streaming else lambda piece: None, tracer)
+    timings = Timings.of(load_s, started, session)
 
     if args.json:
-        result = {"model": model_path, "prompt_tokens": prompt_ids, "tokens": generation.tokens,
-                  "text": generation.text, "stop_reason": generation.stop_reason, "timings": asdict(timings)}
+        result = {"model": model_path, "prompt_tokens": prompt_ids, "tokens": session.tokens,
+                  "text": session.text, "stop_reason": session.stop_reason.value, "timings": asdict(timings)}
         print(json.dumps(result, ensure_ascii=False))
         return 0
     if not streaming:
-        write_stdout((prompt_text if args.display_prompt else "") + generation.text)
+        write_stdout((prompt_text if args.display_prompt else "") + session.text)
     if sys.stdout.isatty():
         sys.stderr.write("\n")   # the continuation does not end in a newline: start the summary below it
-    sys.stderr.write(timings.summary(len(prompt_ids), generation))
+    sys.stderr.write(timings.summary(session))
     return 0
 
 
@@ -306,11 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         # /dev/null instead of failing on the closed pipe again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1   # as Python itself exits when its output pipe closes
-    except Exception as e:   # a bug, not bad input (bad input exited 2 above): no traceback unless asked
-        if os.environ.get("LLORCH_DEBUG") == "1":
-            raise
-        sys.stderr.write(f"{PROG}: internal error: {type(e).__name__}: {e} (LLORCH_DEBUG=1 shows the traceback)\n")
-        return EXIT_INTERNAL_ERROR
+    except Exception as e:   # a bug, not bad input (bad input exited 2 above)
+        return internal_error(PROG, e)
 
 
 if __name__ == "__main__":

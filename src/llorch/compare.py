@@ -133,11 +133,6 @@ def load_trace_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     return {os.path.basename(p)[: -len(".npy")]: np.load(p, mmap_mode="r") for p in paths}
 
 
-def compare_dirs(a: str | os.PathLike, b: str | os.PathLike, **options) -> list[Row]:
-    """compare_mappings over two trace directories (b is the reference)."""
-    return compare_mappings(load_trace_dir(a), load_trace_dir(b), **options)
-
-
 def first_failure(rows: list[Row]) -> Row | None:
     """The earliest checkpoint that fails: where two implementations part."""
     return next((r for r in rows if not r.passed), None)

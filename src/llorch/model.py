@@ -1,26 +1,28 @@
 """GPT-2: token + position embedding -> n_layer pre-LN blocks -> ln_f -> lm_head tied to wte.
 
-Every op runs in a C kernel (llorch._kernels); this file only decides the order, owns the buffers and
-the KV cache, and reports each validation checkpoint to an optional tracer (names: llorch.trace).
+Every op runs in a C kernel (llorch._kernels); this file decides their order, owns the activation buffers
+and the KV caches, and reports each validation checkpoint to a tracer (names: llorch.trace). The weights
+come prepared from llorch.weights.
 
-Several sequences can share a pass (decode_batch): their rows are stacked through every matrix and
-only the attention runs per sequence, each over its own KVCache.
+A sequence is named by its KVCache: forward(ids, cache) runs a prompt (or any tokens) of one sequence, and
+decode_batch(tokens, caches) one new token of each of several, their rows stacked through every matrix and
+only the attention run per sequence.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from . import _kernels as K
 from . import weight_cache
-from .checkpoint import expected_shapes, load_weights, resolve_weight_files
+from .checkpoint import load_weights, resolve_weight_files
 from .config import GPT2Config
-from .tokenizer import EOT_TOKEN
+from .trace import NULL_TRACER, Tracer
+from .weights import Block, Weights, prepared_shapes
 
 
 # Rows per pass of a long prompt. A pass's activations grow with its rows (~17 MB for 512 rows at 124M);
@@ -31,112 +33,6 @@ PREFILL_ROWS = 256
 
 class ContextError(ValueError):
     """A request that does not fit the model's context window (n_positions)."""
-
-
-# Block field -> HF tensor name within block i ("h.{i}." + name). The four matrices are kept packed.
-_BLOCK_TENSORS = {
-    "ln_1_w": "ln_1.weight", "ln_1_b": "ln_1.bias",
-    "c_attn_w": "attn.c_attn.weight", "c_attn_b": "attn.c_attn.bias",
-    "attn_proj_w": "attn.c_proj.weight", "attn_proj_b": "attn.c_proj.bias",
-    "ln_2_w": "ln_2.weight", "ln_2_b": "ln_2.bias",
-    "c_fc_w": "mlp.c_fc.weight", "c_fc_b": "mlp.c_fc.bias",
-    "mlp_proj_w": "mlp.c_proj.weight", "mlp_proj_b": "mlp.c_proj.bias",
-}
-_PACKED_FIELDS = ("c_attn_w", "attn_proj_w", "c_fc_w", "mlp_proj_w")
-
-
-@dataclass(frozen=True)
-class Block:
-    """One transformer block's weights. The four matrices, HF Conv1D [in, out], are repacked at load into
-    the column panels of K.linear_packed (flat, same size): each thread then streams contiguous memory."""
-    ln_1_w: np.ndarray
-    ln_1_b: np.ndarray
-    c_attn_w: np.ndarray   # [C, 3C] packed
-    c_attn_b: np.ndarray
-    attn_proj_w: np.ndarray  # [C, C] packed
-    attn_proj_b: np.ndarray
-    ln_2_w: np.ndarray
-    ln_2_b: np.ndarray
-    c_fc_w: np.ndarray     # [C, 4C] packed
-    c_fc_b: np.ndarray
-    mlp_proj_w: np.ndarray  # [4C, C] packed
-    mlp_proj_b: np.ndarray
-
-    @classmethod
-    def from_weights(cls, w: dict[str, np.ndarray], i: int, prepared: bool) -> "Block":
-        """Block i from a checkpoint's tensors, or from prepared ones (matrices already packed)."""
-        return cls(**{field: w[f"h.{i}.{name}"] if prepared or field not in _PACKED_FIELDS
-                      else _packed(w[f"h.{i}.{name}"]) for field, name in _BLOCK_TENSORS.items()})
-
-    def tensors(self, i: int) -> dict[str, np.ndarray]:
-        """This block's weights under their HF names as block i, the matrices packed."""
-        return {f"h.{i}.{name}": getattr(self, field) for field, name in _BLOCK_TENSORS.items()}
-
-
-def prepared_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    """The tensors GPT2.prepared_weights() returns: the checkpoint's, with each block's matrices flat."""
-    packed = tuple(_BLOCK_TENSORS[field] for field in _PACKED_FIELDS)
-    return {name: (int(np.prod(shape)),) if name.startswith("h.") and name.endswith(packed) else shape
-            for name, shape in expected_shapes(config).items()}
-
-
-def _packed(weight: np.ndarray) -> np.ndarray:
-    """weight [C, OC] repacked for K.linear_packed; the copy replaces the original (_release_mapped)."""
-    packed = np.empty(weight.size, dtype=np.float32)
-    K.pack_linear(packed, weight)
-    _release_mapped(weight)
-    return packed
-
-
-def _copied(weight: np.ndarray) -> np.ndarray:
-    """weight in this process's own memory, replacing the mapped original (_release_mapped); a weight that
-    is already a copy (fp16/bf16 checkpoints) is kept. For wte, which lm_head.c streams whole at every
-    token: from anonymous memory (huge pages where the kernel gives them) decode measured 62 -> 78 tok/s
-    against reading it from the file mapping's 4 KiB pages."""
-    if _mapping(weight) is None:
-        return weight
-    own = np.empty_like(weight)
-    rows = max(1, (8 << 20) // max(1, weight[0].nbytes))   # 8 MiB at a time: the peak stays one chunk over
-    for r in range(0, weight.shape[0], rows):
-        np.copyto(own[r:r + rows], weight[r:r + rows])
-        _release_mapped(weight[r:r + rows])
-    return own
-
-
-def _mapping(weight: np.ndarray) -> mmap.mmap | None:
-    """The memory-mapped checkpoint file weight is a view of, if any."""
-    owner = weight
-    while owner is not None and not isinstance(owner, mmap.mmap):
-        owner = owner.obj if isinstance(owner, memoryview) else getattr(owner, "base", None)
-    return owner
-
-
-def _release_mapped(weight: np.ndarray) -> None:
-    """When weight is a view of the memory-mapped checkpoint, drop its pages from this process (the page
-    cache keeps them): a copy that replaces it then adds nothing to the resident size."""
-    owner = _mapping(weight)
-    if owner is not None:
-        page = mmap.PAGESIZE
-        offset = weight.ctypes.data - np.frombuffer(owner, dtype=np.uint8).ctypes.data
-        begin, end = -(-offset // page) * page, (offset + weight.nbytes) // page * page  # whole pages only
-        if end > begin:
-            owner.madvise(mmap.MADV_DONTNEED, begin, end - begin)
-
-
-class Workspace:
-    """Activation buffers, grown (at least doubling) to the largest pass seen and then reused, so a decode
-    step allocates nothing even as the attended length grows."""
-
-    def __init__(self) -> None:
-        self._flat: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        size = int(np.prod(shape))
-        flat = self._flat.get(name)
-        if flat is None or flat.size < size:
-            grown = max(size, 2 * flat.size) if flat is not None else size
-            flat = self._flat[name] = np.empty(grown, dtype=np.float32)
-        return flat[:size].reshape(shape)
 
 
 def _resident_when_written(shape: tuple[int, ...]) -> np.ndarray:
@@ -162,169 +58,202 @@ class KVCache:
         self.length = 0
 
 
+# One pass's sequences: (int32 token ids, start_pos, cache) each, their rows stacked in that order.
+Segments = list[tuple[np.ndarray, int, KVCache]]
+
+
+class Activations(NamedTuple):
+    """One pass's buffers, [T, ...] for its T stacked rows."""
+    x: np.ndarray      # [T, C] the residual stream
+    ln: np.ndarray     # [T, C] a layer norm's output
+    qkv: np.ndarray    # [T, 3C]
+    y: np.ndarray      # [T, C] attention output, heads merged
+    proj: np.ndarray   # [T, C] a projection back to the stream
+    fc: np.ndarray     # [T, 4C] the MLP's hidden layer
+
+
+class Workspace:
+    """Activation buffers, grown (at least doubling) to the largest pass seen and then reused, so a decode
+    step allocates nothing even as the attended length grows."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        flat = self._flat.get(name)
+        if flat is None or flat.size < size:
+            grown = max(size, 2 * flat.size) if flat is not None else size
+            flat = self._flat[name] = np.empty(grown, dtype=np.float32)
+        return flat[:size].reshape(shape)
+
+    def activations(self, T: int, C: int) -> Activations:
+        return Activations(*(self.get(name, (T, width)) for name, width in
+                             zip(Activations._fields, (C, C, 3 * C, C, C, 4 * C))))
+
+
 class GPT2:
-    def __init__(self, config: GPT2Config, weights: dict[str, np.ndarray], name: str = "gpt2",
-                 prepared: bool = False) -> None:
-        """weights: a checkpoint's tensors by HF name, or (prepared) those of prepared_weights()."""
+    def __init__(self, config: GPT2Config, weights: Weights, name: str = "gpt2") -> None:
         self.config = config
+        self.weights = weights
         self.name = name
-        self.wte = weights["wte.weight"] if prepared else _copied(weights["wte.weight"])  # [V, C], also the lm_head
-        self.wpe = weights["wpe.weight"]   # [n_positions, C]
-        self.blocks = [Block.from_weights(weights, i, prepared) for i in range(config.n_layer)]
-        self.ln_f_w, self.ln_f_b = weights["ln_f.weight"], weights["ln_f.bias"]
-        self.cache = KVCache(config)       # the sequence of forward() and generate()
         self._ws = Workspace()
 
     @property
     def weight_bytes(self) -> int:
-        arrays = [self.wte, self.wpe, self.ln_f_w, self.ln_f_b]
-        arrays += [a for b in self.blocks for a in vars(b).values()]
-        return sum(a.nbytes for a in arrays)
-
-    def prepared_weights(self) -> dict[str, np.ndarray]:
-        """Every weight as this model holds it, by HF name (what llorch.weight_cache stores)."""
-        tensors = {"wte.weight": self.wte, "wpe.weight": self.wpe}
-        for i, block in enumerate(self.blocks):
-            tensors.update(block.tensors(i))
-        tensors.update({"ln_f.weight": self.ln_f_w, "ln_f.bias": self.ln_f_b})
-        return tensors
+        return self.weights.nbytes
 
     def new_cache(self) -> KVCache:
-        """An empty cache for another sequence (forward(..., cache=) and decode_batch)."""
+        """An empty cache: a new sequence, for forward and decode_batch."""
         return KVCache(self.config)
 
-    def reset(self) -> None:
-        """Forget the cached sequence; the next forward must start at position 0."""
-        self.cache.length = 0
+    def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        """Refuse, before any work, a generation that could not run to max_new_tokens: ValueError for an
+        empty prompt, a non-positive count or ids outside the vocabulary, ContextError when prompt + new
+        tokens exceed the context (never truncated)."""
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        n_prompt, context = len(prompt_ids), self.config.n_positions
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if n_prompt + max_new_tokens > context:
+            raise ContextError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the context "
+                               f"of {context} positions")
+        self._checked_ids(prompt_ids, 0, 0)
 
-    def forward(self, token_ids: Sequence[int] | np.ndarray, start_pos: int = 0, tracer=None,
-                logits: str = "all", cache: KVCache | None = None) -> np.ndarray:
-        """Run T tokens at positions start_pos.., continuing the cache; logits [T, V] ("all") or [1, V] ("last")."""
+    def forward(self, token_ids: Sequence[int] | np.ndarray, cache: KVCache, *, start_pos: int | None = None,
+                logits: str = "all", tracer: Tracer | None = None) -> np.ndarray:
+        """Run T tokens of cache's sequence at positions start_pos.. (default: the cache's length, continuing
+        it; a smaller start_pos rewinds). Returns logits [T, V] ("all") or [1, V] ("last"), a new array.
+
+        Runs passes of at most PREFILL_ROWS rows; with a tracer, one pass."""
         if logits not in ("all", "last"):
             raise ValueError(f'logits must be "all" or "last", got {logits!r}')
-        cache, all_logits = cache or self.cache, logits == "all"
-        ids = self._check_ids(token_ids, start_pos, cache)
-        if tracer:   # a trace follows one pass
+        start_pos = cache.length if start_pos is None else start_pos
+        ids, all_logits = self._checked_ids(token_ids, start_pos, cache.length), logits == "all"
+        if tracer is not None:
             return self._run([(ids, start_pos, cache)], tracer, all_logits).copy()
         parts = []
         for first in range(0, ids.size, PREFILL_ROWS):
-            part = self._run([(ids[first:first + PREFILL_ROWS], start_pos + first, cache)], None, all_logits)
+            part = self._run([(ids[first:first + PREFILL_ROWS], start_pos + first, cache)], NULL_TRACER, all_logits)
             if all_logits or first + PREFILL_ROWS >= ids.size:
                 parts.append(part.copy())
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
+    def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache],
+                     tracer: Tracer | None = None) -> np.ndarray:
         """One new token for each of several sequences at once, each at its cache's next position.
 
         The rows go through every matrix together (one weight read serves the whole batch); only the
         attention is per sequence. Returns logits [B, V]; each row is bitwise what the sequence would
-        get alone, since every kernel computes a row independently of the others."""
+        get alone, since every kernel computes a row independently of the others. A trace follows one
+        sequence: a tracer needs exactly one cache."""
         if len(tokens) != len(caches) or not tokens:
             raise ValueError("decode_batch needs one token per cache, at least one")
-        segments = [(self._check_ids([t], c.length, c), c.length, c) for t, c in zip(tokens, caches)]
-        return self._run(segments, None, all_logits=False).copy()
+        if tracer is not None and len(caches) != 1:
+            raise ValueError(f"a trace follows one sequence: decode_batch got a tracer and {len(caches)} caches")
+        segments = [(self._checked_ids([t], c.length, c.length), c.length, c) for t, c in zip(tokens, caches)]
+        return self._run(segments, NULL_TRACER if tracer is None else tracer, all_logits=False).copy()
 
-    def generate(self, token_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 eos_token_id: int | None = EOT_TOKEN, tracer=None) -> Iterator[int]:
-        """Yield new token ids one by one, stopping after <|endoftext|> unless eos_token_id is None
-        (see llorch.generate.generate)."""
-        from .generate import generate
-        from .sampling import Sampler
-        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        return generate(self, token_ids, max_new_tokens, sampler, eos_token_id=eos_token_id, tracer=tracer)
-
-    def _check_ids(self, token_ids, start_pos: int, cache: KVCache) -> np.ndarray:
+    def _checked_ids(self, token_ids, start_pos: int, cached: int) -> np.ndarray:
+        """token_ids as int32, after checking them and that start_pos is in [0, cached] and within the context."""
         ids = np.asarray(token_ids)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError("token_ids must be a non-empty 1-D sequence of integers")
         V, P = self.config.vocab_size, self.config.n_positions
         if ids.min() < 0 or ids.max() >= V:
             raise ValueError(f"token ids must be in [0, {V}), got {ids.min()}..{ids.max()}")
-        if not 0 <= start_pos <= cache.length:
-            raise ValueError(f"start_pos {start_pos} must be in [0, {cache.length}] (positions cached so far)")
+        if not 0 <= start_pos <= cached:
+            raise ValueError(f"start_pos {start_pos} must be in [0, {cached}] (positions cached so far)")
         if start_pos + ids.size > P:
             raise ContextError(f"{start_pos + ids.size} positions exceed the context of {P} tokens")
         return ids.astype(np.int32)
 
-    def _run(self, segments: list[tuple[np.ndarray, int, KVCache]], tracer, all_logits: bool) -> np.ndarray:
-        """The forward pass over checked segments (int32 ids, start_pos, cache), their rows stacked.
+    def _run(self, segments: Segments, tracer, all_logits: bool) -> np.ndarray:
+        """The forward pass over checked segments, their rows stacked.
 
         Returns logits for every row, or for each segment's last row; a workspace view, valid until the
-        next call. A tracer sees one segment only (a trace is of one sequence)."""
-        cfg, ws = self.config, self._ws
-        T, C, NH = sum(ids.size for ids, _, _ in segments), cfg.n_embd, cfg.n_head
+        next call. A tracer (not NULL_TRACER) comes with one segment only."""
+        cfg, w = self.config, self.weights
+        T = sum(ids.size for ids, _, _ in segments)
         rows = []                            # each segment's rows in the stacked activations
         for ids, _, _ in segments:
             first = rows[-1].stop if rows else 0
             rows.append(slice(first, first + ids.size))
-        eps = cfg.layer_norm_epsilon
-        x = ws.get("x", (T, C))              # the residual stream
-        ln = ws.get("ln", (T, C))
-        qkv = ws.get("qkv", (T, 3 * C))
-        y = ws.get("y", (T, C))
-        proj = ws.get("proj", (T, C))
-        fc = ws.get("fc", (T, 4 * C))
-        trace = tracer.record if tracer else None
-        if tracer:
-            assert len(segments) == 1, "a trace follows one sequence"
-            tracer.start_forward(segments[0][1], T)
+        a = self._ws.activations(T, cfg.n_embd)
+        tracer.start_forward(segments[0][1], T)
 
-        # Decode steps (one new token per sequence, untraced) run every sequence's attention in one call.
-        one_row_each = tracer is None and T == len(segments)
-        caches = [cache for _, _, cache in segments]
-        positions = [start_pos for _, start_pos, _ in segments]
         for (ids, start_pos, _), r in zip(segments, rows):
-            K.embed(x[r], ids, self.wte, self.wpe, start_pos)
-        if trace: trace("embed", None, x)
-        for i, b in enumerate(self.blocks):
-            K.layernorm(ln, x, b.ln_1_w, b.ln_1_b, eps)
-            if trace: trace("ln_1", i, ln)
-            K.linear_packed(qkv, ln, b.c_attn_w, b.c_attn_b)
-            if trace: trace("attn.qkv", i, qkv)
-            if one_row_each:
-                K.decode_attention(y, qkv, [c.k[i] for c in caches], [c.v[i] for c in caches], positions)
-            else:
-                for (ids, start_pos, cache), r in zip(segments, rows):
-                    S = start_pos + ids.size
-                    # softmax weights and scores are checkpoints, kept only for a tracer
-                    probs = ws.get("probs", (NH, ids.size, S)) if tracer else None
-                    scores = ws.get("scores", (NH, ids.size, S)) if tracer else None
-                    K.kv_write(cache.k[i], cache.v[i], qkv[r], start_pos)
-                    if trace: trace("attn.k_cache", i, cache.k[i, :, :S]); trace("attn.v_cache", i, cache.v[i, :, :S])
-                    K.attention(y[r], probs, qkv[r], cache.k[i], cache.v[i], start_pos, scores)
-                    if trace: trace("attn.scores", i, scores); trace("attn.probs", i, probs); trace("attn.y", i, y)
-            K.linear_packed(proj, y, b.attn_proj_w, b.attn_proj_b)
-            if trace: trace("attn.proj", i, proj)
-            K.residual(x, x, proj)
-            if trace: trace("res_1", i, x)
-            K.layernorm(ln, x, b.ln_2_w, b.ln_2_b, eps)
-            if trace: trace("ln_2", i, ln)
-            K.linear_packed(fc, ln, b.c_fc_w, b.c_fc_b)
-            if trace: trace("mlp.fc", i, fc)
-            K.gelu(fc, fc)
-            if trace: trace("mlp.gelu", i, fc)
-            K.linear_packed(proj, fc, b.mlp_proj_w, b.mlp_proj_b)
-            if trace: trace("mlp.proj", i, proj)
-            K.residual(x, x, proj)
-            if trace: trace("block_out", i, x)
-        for (ids, start_pos, cache) in segments:
+            K.embed(a.x[r], ids, w.wte, w.wpe, start_pos)
+        tracer.record("embed", None, a.x)
+        for i, block in enumerate(w.blocks):
+            self._block(i, block, a, segments, rows, tracer)
+        for ids, start_pos, cache in segments:
             cache.length = start_pos + ids.size
 
-        K.layernorm(ln, x, self.ln_f_w, self.ln_f_b, eps)
-        if trace: trace("ln_f", None, ln)
+        K.layernorm(a.ln, a.x, w.ln_f_w, w.ln_f_b, cfg.layer_norm_epsilon)
+        tracer.record("ln_f", None, a.ln)
         if all_logits:
-            last = ln
+            last = a.ln
         elif len(segments) == 1:
-            last = ln[T - 1:]
+            last = a.ln[T - 1:]
         else:
-            last = np.take(ln, [r.stop - 1 for r in rows], axis=0, out=ws.get("last", (len(rows), C)))
-        out = ws.get("logits", (last.shape[0], cfg.vocab_size))
-        K.lm_head(out, last, self.wte)
-        if trace:
-            trace("logits", None, out[-1:])
-            trace("next_token", None, np.array([K.argmax(out[-1])], dtype=np.int64))
+            last = np.take(a.ln, [r.stop - 1 for r in rows], axis=0, out=self._ws.get("last", (len(rows), cfg.n_embd)))
+        out = self._ws.get("logits", (last.shape[0], cfg.vocab_size))
+        K.lm_head(out, last, w.wte)
+        tracer.record("logits", None, out[-1:])
+        if tracer is not NULL_TRACER:
+            tracer.record("next_token", None, np.array([K.argmax(out[-1])], dtype=np.int64))
         return out
+
+    def _block(self, i: int, b: Block, a: Activations, segments: Segments, rows: list[slice], tracer) -> None:
+        """Block i on the residual stream a.x, in place: x += attn(ln_1(x)); x += mlp(ln_2(x))."""
+        eps = self.config.layer_norm_epsilon
+        K.layernorm(a.ln, a.x, b.ln_1_weight, b.ln_1_bias, eps)
+        tracer.record("ln_1", i, a.ln)
+        self._attention(i, b, a, segments, rows, tracer)
+        K.linear_packed(a.proj, a.y, b.attn_c_proj_weight, b.attn_c_proj_bias)
+        tracer.record("attn.proj", i, a.proj)
+        K.residual(a.x, a.x, a.proj)
+        tracer.record("res_1", i, a.x)
+        K.layernorm(a.ln, a.x, b.ln_2_weight, b.ln_2_bias, eps)
+        tracer.record("ln_2", i, a.ln)
+        K.linear_packed(a.fc, a.ln, b.mlp_c_fc_weight, b.mlp_c_fc_bias)
+        tracer.record("mlp.fc", i, a.fc)
+        K.gelu(a.fc, a.fc)
+        tracer.record("mlp.gelu", i, a.fc)
+        K.linear_packed(a.proj, a.fc, b.mlp_c_proj_weight, b.mlp_c_proj_bias)
+        tracer.record("mlp.proj", i, a.proj)
+        K.residual(a.x, a.x, a.proj)
+        tracer.record("block_out", i, a.x)
+
+    def _attention(self, i: int, b: Block, a: Activations, segments: Segments, rows: list[slice], tracer) -> None:
+        """Causal self-attention of layer i: a.ln -> a.y (heads merged, before c_proj), writing this pass's
+        keys and values into each segment's cache at its positions."""
+        K.linear_packed(a.qkv, a.ln, b.attn_c_attn_weight, b.attn_c_attn_bias)
+        tracer.record("attn.qkv", i, a.qkv)
+        scores = probs = None
+        if tracer is not NULL_TRACER:   # scores and softmax weights are checkpoints, kept only for a tracer
+            ((ids, start_pos, _),) = segments
+            scores = self._ws.get("scores", (self.config.n_head, ids.size, start_pos + ids.size))
+            probs = self._ws.get("probs", scores.shape)
+        scratch = self._ws.get("attention_scratch", (K.attention_scratch_floats(self.config.n_positions),))
+        if a.qkv.shape[0] == len(segments):
+            # a decode step, one new row per sequence (traced or not): every sequence's kv_write and attention
+            # in one call
+            K.decode_attention(a.y, a.qkv, [c.k[i] for _, _, c in segments], [c.v[i] for _, _, c in segments],
+                               [start_pos for _, start_pos, _ in segments], scratch, scores, probs)
+        else:
+            for (ids, start_pos, cache), r in zip(segments, rows):
+                K.kv_write(cache.k[i], cache.v[i], a.qkv[r], start_pos)
+                K.attention(a.y[r], a.qkv[r], cache.k[i], cache.v[i], start_pos, scratch, scores, probs)
+        ids, start_pos, cache = segments[0]   # a tracer's one sequence
+        S = start_pos + ids.size
+        tracer.record("attn.k_cache", i, cache.k[i, :, :S])
+        tracer.record("attn.v_cache", i, cache.v[i, :, :S])
+        tracer.record("attn.scores", i, scores)
+        tracer.record("attn.probs", i, probs)
+        tracer.record("attn.y", i, a.y)
 
 
 def load(path: str | os.PathLike) -> GPT2:
@@ -340,8 +269,8 @@ def load(path: str | os.PathLike) -> GPT2:
     cached = weight_cache.cache_file(config_path, files)
     prepared = weight_cache.read(cached, prepared_shapes(config)) if cached else None
     if prepared is not None:
-        return GPT2(config, prepared, name=name, prepared=True)
-    model = GPT2(config, load_weights(files, config), name=name)
+        return GPT2(config, Weights.from_prepared(prepared, config), name=name)
+    weights = Weights.prepare(load_weights(files, config), config)
     if cached:
-        weight_cache.write(cached, model.prepared_weights())
-    return model
+        weight_cache.write(cached, weights.tensors())
+    return GPT2(config, weights, name=name)

@@ -19,11 +19,11 @@ Only this module imports ray: `import llorch` and llorch-cpud never do.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -31,14 +31,17 @@ import sys
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from llorch import server
-from llorch.scheduler import INFERENCE_FAILED
+from llorch.console import EXIT_INTERRUPTED, ArgumentParser, internal_error
+from llorch.scheduler import FailureCode
 
 try:
     import ray
     from ray import serve
+
+    from llorch import http_guard   # the server extra, which the ray extra pulls in
     MISSING_EXTRA = None
 except ImportError as e:   # reported by main(); importing this module stays harmless
     MISSING_EXTRA = e.name
@@ -60,6 +63,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"   # llorch-cpud's
 @dataclass(frozen=True)
 class Options:
     model: str
+    model_name: str | None = None          # as llorch-cpud's --model-name
     replicas: int = 1
     min_replicas: int | None = None        # with max_replicas: Serve autoscales between the two
     max_replicas: int | None = None
@@ -70,7 +74,13 @@ class Options:
     max_queue: int = 64
     grace_period: float = 10.0
     callback_url: str | None = None        # announced once the application serves
+    callback_token: str | None = field(default=None, repr=False)   # sent with it, as llorch-cpud's
+    callback_timeout: float = 5.0
     public_url: str | None = None          # the uri announced: where clients reach the application
+    # the replicas' HTTP guard (llorch-cpud's): its Host list defaults to the public host and localhost
+    api_key: str | None = field(default=None, repr=False)
+    allowed_hosts: str | None = None
+    cors_origins: str = ""
     log_level: str = "info"                # of the replicas' llorch lines (stderr: Ray's worker logs)
 
     @classmethod
@@ -92,7 +102,7 @@ class Options:
         for name, low, strict in (("replicas", 1, False), ("min_replicas", 0, False), ("max_replicas", 1, False),
                                   ("target_ongoing_requests", 0, True), ("threads", 1, False),
                                   ("num_cpus", 0, False), ("max_batch", 1, False), ("max_queue", 0, False),
-                                  ("grace_period", 0, False)):
+                                  ("grace_period", 0, False), ("callback_timeout", 0, True)):
             value = getattr(self, name)
             if value is not None and (value <= low if strict else value < low):
                 raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
@@ -108,13 +118,17 @@ class Options:
         return self.num_cpus if self.num_cpus is not None else float(self.threads or 1)
 
     def worker_argv(self, worker_id: str) -> list[str]:
-        """llorch-cpud's command line for one replica: its Worker is built by llorch-cpud's own parser. Its
-        host and port only name the application's address in its start-up line (Serve's default one)."""
+        """llorch-cpud's command line for one replica: its Worker and its guard's Policy are built by llorch-cpud's
+        own parser. Its host and port name the application's public address (Serve's default one): in its
+        start-up line, and in the Host names its guard accepts. The API key is no argument: see LlorchModel."""
         threads = self.threads or max(1, math.floor(self.cpus))
         address = urllib.parse.urlsplit(self.public_url or "http://127.0.0.1:8000")
+        optional = [(name, value) for name, value in (("--model-name", self.model_name),
+                                                      ("--allowed-hosts", self.allowed_hosts)) if value]
         return ["--model", self.model, "--host", address.hostname or "127.0.0.1", "--port", str(address.port or 80),
                 "--worker-id", worker_id, "--threads", str(threads), "--max-batch", str(self.max_batch),
-                "--max-queue", str(self.max_queue), "--grace-period", str(self.grace_period)]
+                "--max-queue", str(self.max_queue), "--grace-period", str(self.grace_period),
+                "--cors-origins", self.cors_origins, *(item for pair in optional for item in pair)]
 
 
 def _convert(name: str, value: object, kind: str) -> object:
@@ -218,7 +232,9 @@ class LlorchModel:
         self.board = board
         args = server.build_parser().parse_args(options.worker_argv(worker_id=self.replica_id))
         self.worker = server.Worker(args)
-        self.app = server.create_app(self.worker)
+        # the guard of llorch-cpud's app checks the key, Host (the client's, relayed), CORS and content type:
+        # the ingress relays requests unchecked
+        self.app = server.create_app(self.worker, server.guard_policy(args, options.api_key))
         self.lifespan = LifespanOn(Config(self.app, lifespan="on", log_config=None))
         await self.lifespan.startup()
         # The replica is ready once its model is: Serve routes nothing to it before, and a model that cannot
@@ -327,7 +343,8 @@ class LlorchIngress:
         """The application announces itself once, as one worker at its public uri, when a replica serves."""
         described = await self.model.describe.remote()
         await server.announce(self.options.callback_url, {"worker_id": self.worker_id, **described,
-                                                          "uri": self.options.public_url})
+                                                          "uri": self.options.public_url},
+                              self.options.callback_token, self.options.callback_timeout)
 
 
 class Tunnel:
@@ -375,10 +392,10 @@ class Tunnel:
             await answer(scope, receive, send)
             return
         if openai:
-            event = server.sse(None, {"error": {"message": message, "type": "server_error", "param": None,
-                                                "code": INFERENCE_FAILED}}) + server.sse(None, "[DONE]")
+            error = http_guard.openai_error_body(500, message, code=FailureCode.INFERENCE_FAILED.value)
+            event = server.sse(None, error) + server.sse(None, "[DONE]")
         else:
-            event = server.sse("error", {"code": INFERENCE_FAILED, "message": message})
+            event = server.sse("error", {"code": FailureCode.INFERENCE_FAILED.value, "message": message})
         await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
 
 
@@ -400,17 +417,20 @@ def build_app(options: Options):
 
 
 def app_builder(args: dict):
-    """`serve run llorch.ray:app_builder model=M replicas=N ...` and config files' import_path."""
-    return build_app(Options.from_args(args))
+    """`serve run llorch.ray:app_builder model=M replicas=N ...` and config files' import_path. The API key,
+    unless given as api_key, is LLORCH_API_KEY's where the builder runs (keys stay off command lines)."""
+    return build_app(Options.from_args({"api_key": os.environ.get("LLORCH_API_KEY"), **args}))
 
 
 # ---- llorch-serve ----
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="llorch-cpud's HTTP API on Ray Serve: replicas of the "
-                                     "worker across a Ray cluster, one model and one batching scheduler each.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="llorch-cpud's HTTP API on Ray Serve: replicas of the worker "
+                            "across a Ray cluster, one model and one batching scheduler each.")
     parser.add_argument("--model", required=True, help="directory, .safetensors file or hub id, as every node "
                         "resolves it (its own path or Hugging Face cache)")
+    parser.add_argument("--model-name", help="the model's name in /health, /v1/models and every response "
+                        "(default: the checkpoint's directory name, or the hub id)")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
     parser.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
     parser.add_argument("--max-replicas", type=int)
@@ -420,15 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "ray://HOST:10001 (default: start a local Ray)")
     parser.add_argument("--threads", type=int, help="kernel threads per replica (default: --num-cpus)")
     parser.add_argument("--num-cpus", type=float, help="CPUs Ray reserves per replica (default: --threads, else 1)")
-    parser.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxies listen (default: 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxies listen (default: 127.0.0.1); "
+                        "any other than a loopback address needs an API key or --insecure-no-auth")
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     parser.add_argument("--max-batch", type=int, default=8, help="jobs a replica decodes together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64, help="jobs a replica queues beyond those (default: 64)")
     parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
                         help="how long a stopping replica lets its jobs finish (default: 10)")
-    parser.add_argument("--callback-url", help="POSTed {worker_id, model_ref, memory_bytes, uri} once, when the "
-                        "application serves")
-    parser.add_argument("--public-url", help="the uri announced (default: http://HOST:PORT)")
+    server.add_callback_arguments(parser, when="once, when the application serves")
+    parser.add_argument("--public-url", help="the uri announced, whose host the replicas accept in Host headers "
+                        "(default: http://HOST:PORT)")
+    server.add_guard_arguments(parser)   # enforced by each replica's guard, as llorch-cpud's
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return parser
 
@@ -437,35 +459,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if MISSING_EXTRA:
-        parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: the ray extra is not installed ({MISSING_EXTRA} is "
-                                           "missing): pip install 'llorch[ray]'\n")
+        parser.error(f"the ray extra is not installed ({MISSING_EXTRA} is missing): pip install 'llorch[ray]'")
+    try:
+        return run(args, parser)
+    except KeyboardInterrupt:   # before the application serves (after, Ctrl-C stops it: wait_for_signal)
+        return EXIT_INTERRUPTED
+    except Exception as e:   # a bug, not bad input (bad input exited 2 above)
+        return internal_error(PROG, e)
+
+
+def run(args, parser: ArgumentParser) -> int:
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be 1 to 65535, got {args.port}")
-    given = vars(args)
+    given = vars(args) | {"api_key": server.read_exposure_key(args, parser),
+                          "public_url": args.public_url or f"http://{args.host}:{args.port}"}
     try:
-        options = Options.from_args({f.name: given[f.name] for f in fields(Options) if f.name in given} |
-                                    {"public_url": args.public_url or f"http://{args.host}:{args.port}"})
+        options = Options.from_args({f.name: given[f.name] for f in fields(Options) if f.name in given})
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    if args.api_key:
+        log.warning("--api-key is visible to every local user (ps, /proc): prefer --api-key-file or LLORCH_API_KEY")
     try:
         check_reachable(args.address)
         ray.init(address=args.address, logging_level=args.log_level.upper())
     except (ConnectionError, RuntimeError, ValueError) as e:
-        parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: cannot reach the Ray cluster {args.address}: "
-                                           f"{str(e).splitlines()[0]}\n")
+        parser.error(f"cannot reach the Ray cluster {args.address}: {str(e).splitlines()[0]}")
     needed, available = (options.min_replicas or options.replicas) * options.cpus, ray.cluster_resources().get("CPU", 0)
     if args.address is None and needed > available:   # a cluster may grow (an autoscaler); this machine will not
         ray.shutdown()
-        parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: {describe_scaling(options)} of {options.cpus:g} CPUs "
-                                           f"need {needed:g} CPUs; this machine has {available:g}\n")
+        parser.error(f"{describe_scaling(options)} of {options.cpus:g} CPUs need {needed:g} CPUs; this machine "
+                     f"has {available:g}")
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/")
     except Exception as e:   # a model no replica could load, a port in use, too few CPUs...
         cause = root_cause(e)
         ray.shutdown()
-        parser.exit(server.EXIT_BAD_INPUT, f"{PROG}: error: the application did not start: {cause}\n")
+        parser.error(f"the application did not start: {cause}")
     print(f"{PROG}: serving {options.model} at {options.public_url} ({describe_scaling(options)}); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     try:

@@ -6,6 +6,7 @@ import os
 import warnings
 
 from . import _kernels
+from .version import __version__
 
 
 def set_num_threads(n: int) -> None:
@@ -39,7 +40,6 @@ def configure_from_env() -> None:
 
 def build_info() -> dict:
     """Compiler, OpenMP, threads and SIMD paths of the compiled kernels."""
-    from . import __version__
     openmp = _kernels.openmp_version()
     return {
         "version": __version__,

@@ -1,13 +1,15 @@
 """Continuous batching: one thread owns the model and decodes every active job together (spec 14).
 
-Each step the scheduler retires cancelled jobs, admits queued ones up to max_batch (a fresh KV cache and a
-prefill pass each), then runs one `decode_batch` pass in which every active job contributes one row, and
-retires the jobs that finished. Jobs join and leave only between steps; each job's row is computed bitwise
-as if it ran alone, so batching never changes a job's tokens.
+Each step the scheduler retires cancelled jobs, admits queued ones up to max_batch (a generation Session
+each, with a fresh KV cache, and its prompt pass), then runs one `decode_batch` pass in which every active
+job contributes one row, hands each job's Session its row, and retires the jobs that finished. Jobs join
+and leave only between steps; each job's row is computed bitwise as if it ran alone, so batching never
+changes a job's tokens.
 
 Everything that touches the model runs on the scheduler thread: the model is not thread-safe. Other threads
-only submit and cancel jobs, under a lock, and receive a job's events through the `emit` callable they gave
-it (the HTTP side hands them to its event loop).
+only submit and cancel jobs, under a lock, and receive a job's events -- JobStarted, TokenReleased, then
+JobEnded or JobFailed -- through the `emit` callable they gave it. What goes over the wire is the HTTP
+side's business (llorch.server).
 """
 
 from __future__ import annotations
@@ -19,33 +21,58 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from enum import Enum
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from .model import GPT2, KVCache
+from .generate import Session, StopReason
+from .model import GPT2
 from .runtime import build_info, configure_from_env, set_num_threads
 from .sampling import Sampler
-from .stream import StopStrings, StreamDecoder
-from .tokenizer import EOT_TOKEN, tokenizer
 
 log = logging.getLogger("llorch.scheduler")
 
-# end {stop_reason}: why a job that ran to completion stopped
-MAX_TOKENS, EOS, STOP_SEQUENCE = "MAX_TOKENS", "EOS", "STOP_SEQUENCE"
-# error {code}: why a job ended without completing
-CANCELLED, INFERENCE_FAILED = "CANCELLED", "INFERENCE_FAILED"
+
+@dataclass(frozen=True)
+class JobStarted:
+    """The job left the queue: its prompt pass runs now."""
+    job_id: str
+    started_at: datetime
 
 
 @dataclass(frozen=True)
-class Event:
-    """One event of a job's stream: started, token, metrics, end or error, with its JSON payload."""
-    name: str
-    data: dict
+class TokenReleased:
+    """One new token and the text it releases: "" while a character or a possible stop string is
+    unfinished, and the eos token releases none of its own."""
+    index: int      # 0, 1, ... within the job's output
+    token: int
+    text: str
 
-    @property
-    def terminal(self) -> bool:
-        return self.name in ("end", "error")
+
+@dataclass(frozen=True)
+class JobEnded:
+    """The job ran to completion."""
+    stop_reason: StopReason
+    tokens_out: int
+    generation_s: float        # from admission (the prompt pass's start) to the last token
+    memory_bytes: int          # the worker's, as Scheduler.memory_bytes() at the end
+    stop_sequence: str | None  # the stop string that ended it (STOP_SEQUENCE)
+
+
+class FailureCode(Enum):
+    CANCELLED = "CANCELLED"                 # by request, a client that left, or shutdown
+    INFERENCE_FAILED = "INFERENCE_FAILED"   # its logits or sampling went wrong; the other jobs go on
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job ended without completing."""
+    code: FailureCode
+    message: str
+
+
+JobEvent = Union[JobStarted, TokenReleased, JobEnded, JobFailed]
 
 
 class Rejected(Exception):
@@ -56,10 +83,6 @@ class Rejected(Exception):
         self.reason = reason
 
 
-class InferenceFailed(RuntimeError):
-    """A job whose logits or sampling went wrong; it ends with error INFERENCE_FAILED, the others go on."""
-
-
 @dataclass(eq=False)
 class Job:
     """One generation request and its progress. Built by the caller, then driven by the scheduler thread;
@@ -68,94 +91,44 @@ class Job:
     prompt_ids: list[int]
     max_tokens: int
     sampler: Sampler
-    emit: Callable[[Event], None]
+    emit: Callable[[JobEvent], None]
     stop: Sequence[str] = ()
     seed: int | None = None                  # reported in the job's log line, so any run can be replayed
     cancel_reason: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     # set by the scheduler thread
-    cache: KVCache | None = None
-    ids: list[int] = field(default_factory=list)   # prompt then output: what the repetition penalty reads
-    text: str = ""                                 # all text decoded so far, stop strings included
-    tokens_out: int = 0
+    session: Session | None = None           # from admission until the job leaves
     finished: bool = False
     admitted_at: float = 0.0
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
+    tokens_out: int = 0
 
-    def __post_init__(self) -> None:
-        self.ids = list(self.prompt_ids)
-        self._decoder = StreamDecoder(tokenizer())
-        self._stops = StopStrings(self.stop)
-
-    def take(self, logits: np.ndarray) -> str | None:
-        """Sample this job's next token from its logits row and emit its token event; returns the stop
-        reason when a stop rule fired, else None. Raises InferenceFailed on non-finite logits or a sampler
-        error."""
-        if not np.isfinite(logits).all():
-            raise InferenceFailed("the model produced non-finite logits")
-        try:
-            token = self.sampler(logits, self.ids)
-        except (ValueError, FloatingPointError) as e:
-            raise InferenceFailed(f"sampling failed: {e}") from None
-        self.last_token_at = time.perf_counter()
-        if not self.tokens_out:
-            self.first_token_at = self.last_token_at
-        self.ids.append(token)
-        self.tokens_out += 1
-
-        # Every token gets one event; its text is what it releases: "" while a character or a possible
-        # stop string is unfinished, and the eos token releases none of its own.
-        stop_reason = None
-        if token == EOT_TOKEN:
-            chunk, stop_reason = "", EOS
-        else:
-            piece = self._decoder.push(token)
-            self.text += piece
-            chunk = self._stops.push(piece)
-            if self._stops.stopped:
-                stop_reason = STOP_SEQUENCE
-            elif self.tokens_out == self.max_tokens:
-                stop_reason = MAX_TOKENS
-        if stop_reason in (EOS, MAX_TOKENS):   # nothing more will come: release what was held back
-            chunk += self._stops.push(self._decoder.flush()) + self._stops.flush()
-        self.emit(Event("token", {"t": chunk, "i": self.tokens_out - 1}))
-        return stop_reason
-
-    def finish(self, stop_reason: str, memory_bytes: int) -> None:
-        """End the job with metrics and end events."""
+    def finish(self, memory_bytes: int) -> None:
+        """End the job that its session stopped."""
         self.finished = True
-        self.emit(Event("metrics", {"tokens_per_sec": round(self.tokens_out / self.generation_s, 3),
-                                    "memory_bytes": memory_bytes}))
-        end = {"tokens_out": self.tokens_out, "decode_time_ms": round(self.generation_s * 1e3, 3),
-               "stop_reason": stop_reason}
-        if stop_reason == STOP_SEQUENCE:
-            # the released text ends where the stop string begins
-            cut = len(self._stops.text)
-            end["stop_sequence_matched"] = next(s for s in self.stop if self.text.startswith(s, cut))
-        self.emit(Event("end", end))
-        self._log_end(stop_reason)
+        session = self.session
+        self.emit(JobEnded(session.stop_reason, self.tokens_out, self.generation_s, memory_bytes,
+                           session.stop_sequence))
+        self._log_end(session.stop_reason.name)
 
-    def fail(self, code: str, message: str) -> None:
-        """End the job with an error event (CANCELLED or INFERENCE_FAILED)."""
+    def fail(self, code: FailureCode, message: str) -> None:
         self.finished = True
-        self.emit(Event("error", {"code": code, "message": message}))
-        self._log_end(code)
+        self.emit(JobFailed(code, message))
+        self._log_end(code.name)
 
     @property
     def generation_s(self) -> float:
         """From admission (the prefill's start) to the last token."""
-        return max(self.last_token_at - self.admitted_at, 1e-9) if self.tokens_out else 0.0
+        return max(self.session.last_token_at - self.admitted_at, 1e-9) if self.tokens_out else 0.0
 
     def _log_end(self, outcome: str) -> None:
         admitted = self.admitted_at or time.perf_counter()
-        ttft = f"{(self.first_token_at - admitted) * 1e3:.1f} ms" if self.tokens_out else "-"
+        first, last = (self.session.first_token_at, self.session.last_token_at) if self.tokens_out else (0.0, 0.0)
+        ttft = f"{(first - admitted) * 1e3:.1f} ms" if self.tokens_out else "-"
         decoded = self.tokens_out - 1
-        decode_rate = (f"{decoded / (self.last_token_at - self.first_token_at):.1f} tok/s"
-                       if decoded > 0 and self.last_token_at > self.first_token_at else "-")
+        decode_rate = f"{decoded / (last - first):.1f} tok/s" if decoded > 0 and last > first else "-"
         log.info("job %s: %d prompt tokens, %d out, %s, ttft %s, decode %s, queued %.1f ms, seed %s",
                  self.job_id, len(self.prompt_ids), self.tokens_out, outcome, ttft, decode_rate,
-                 (admitted - self.submitted_at) * 1e3, self.seed)
+                 (admitted - self.submitted_at) * 1e3, self.seed, extra={"job_id": self.job_id})
 
 
 class Scheduler:
@@ -164,13 +137,13 @@ class Scheduler:
     `loaded` is a Future of the model: it completes once the thread has loaded it (or failed to);
     `build_info` is then llorch.build_info() as the scheduler thread sees it (its threads, SIMD path)."""
 
-    def __init__(self, load_model: Callable[[], GPT2], *, model_name: str, max_batch: int, max_queue: int,
+    def __init__(self, load_model: Callable[[], GPT2], *, max_batch: int, max_queue: int,
                  threads: int | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.max_batch, self.max_queue = max_batch, max_queue
         self.loaded: concurrent.futures.Future[GPT2] = concurrent.futures.Future()
-        self._load_model, self._threads, self._model_name = load_model, threads, model_name
+        self._load_model, self._threads = load_model, threads
         self._model: GPT2 | None = None
         self.build_info: dict = {}
         self._lock = threading.Condition()
@@ -275,7 +248,7 @@ class Scheduler:
                 self._step()
             except Exception:   # a bug, not a bad job: fail every job rather than leave clients hanging
                 log.exception("scheduler step failed; failing every job")
-                self._fail_all(INFERENCE_FAILED, "internal error in the scheduler")
+                self._fail_all(FailureCode.INFERENCE_FAILED, "internal error in the scheduler")
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -297,27 +270,27 @@ class Scheduler:
                 admitted.append(job)
         for job in admitted:
             job.admitted_at = time.perf_counter()
-            # A fresh cache per job rather than one per slot reused: its pages are resident only as they
-            # are written, and dropping it returns them, so memory falls back to the baseline when idle.
-            job.cache = self._model.new_cache()
-            job.emit(Event("started", {"job_id": job.job_id, "model": self._model_name,
-                                       "started_at": datetime.now(timezone.utc).isoformat()}))
+            job.emit(JobStarted(job.job_id, datetime.now(timezone.utc)))
         return admitted
 
     def _prefill(self, job: Job) -> None:
+        # A fresh cache per job rather than one per slot reused: its pages are resident only as they are
+        # written, and dropping it returns them, so memory falls back to the baseline when idle.
         try:
-            logits = self._model.forward(job.prompt_ids, start_pos=0, logits="last", cache=job.cache)
+            job.session = Session(self._model, job.prompt_ids, job.max_tokens, job.sampler, stop=job.stop)
+            logits = self._model.forward(job.prompt_ids, job.session.cache, logits="last")
         except (ValueError, FloatingPointError) as e:
-            job.fail(INFERENCE_FAILED, str(e))
+            job.fail(FailureCode.INFERENCE_FAILED, str(e))
             return
         self._take(job, logits[0])
 
     def _decode(self, jobs: list[Job]) -> None:
         try:
-            logits = self._model.decode_batch([job.ids[-1] for job in jobs], [job.cache for job in jobs])
+            logits = self._model.decode_batch([job.session.tokens[-1] for job in jobs],
+                                              [job.session.cache for job in jobs])
         except (ValueError, FloatingPointError) as e:
             for job in jobs:
-                job.fail(INFERENCE_FAILED, str(e))
+                job.fail(FailureCode.INFERENCE_FAILED, str(e))
             return
         for job, row in zip(jobs, logits):
             self._take(job, row)
@@ -325,12 +298,17 @@ class Scheduler:
     def _take(self, job: Job, logits: np.ndarray) -> None:
         """The job's next token from its row; its end when a stop rule fires, its failure on bad logits."""
         try:
-            stop_reason = job.take(logits)
-        except InferenceFailed as e:
-            job.fail(INFERENCE_FAILED, str(e))
+            step = job.session.take(logits)
+        except FloatingPointError as e:
+            job.fail(FailureCode.INFERENCE_FAILED, str(e))
             return
-        if stop_reason:
-            job.finish(stop_reason, self.memory_bytes())
+        except ValueError as e:
+            job.fail(FailureCode.INFERENCE_FAILED, f"sampling failed: {e}")
+            return
+        job.emit(TokenReleased(job.tokens_out, step.token, step.text))
+        job.tokens_out += 1
+        if step.stop_reason is not None:
+            job.finish(self.memory_bytes())
 
     def _retire(self, cancelled_only: bool) -> None:
         """Drop cancelled jobs (queued or active) and, unless cancelled_only, finished ones; free their slots."""
@@ -344,17 +322,17 @@ class Scheduler:
                 else:
                     self._queue.remove(job)
         for job in leaving:
-            job.cache = None
             if not job.finished:
-                job.fail(CANCELLED, job.cancel_reason)
+                job.fail(FailureCode.CANCELLED, job.cancel_reason)
+            job.session = None   # its cache's memory goes back
 
-    def _fail_all(self, code: str, message: str) -> None:
+    def _fail_all(self, code: FailureCode, message: str) -> None:
         with self._lock:
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self._active.clear()
             self._queue.clear()
         for job in jobs:
-            job.cache = None
             if not job.finished:
                 job.fail(code, message)
+            job.session = None

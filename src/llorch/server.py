@@ -5,7 +5,8 @@
 Serves the llama-orch worker contract (GET /health, POST /execute streaming named SSE events, POST /cancel)
 and OpenAI-style completions (POST /v1/completions, GET /v1/models) over Starlette + uvicorn, the optional
 `server` extra. The model runs on one scheduler thread that batches every active job (llorch.scheduler);
-this module validates requests, turns scheduler events into SSE, and handles start-up and shutdown.
+this module validates requests, turns the scheduler's job events into the wire formats (the worker
+contract's named SSE events, OpenAI's JSON and SSE), and handles start-up and shutdown.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import math
+import os
+import pathlib
+import re
 import secrets
 import signal
 import sys
@@ -23,20 +28,30 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
+
+import numpy as np
 
 import llorch
+from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
+from llorch.generate import StopReason
 from llorch.hub import resolve_model
 from llorch.sampling import Sampler
-from llorch.scheduler import CANCELLED, EOS, Event, Job, Rejected, Scheduler, STOP_SEQUENCE
+from llorch.scheduler import (FailureCode, Job, JobEnded, JobEvent, JobFailed, JobStarted, Rejected, Scheduler,
+                              TokenReleased)
 
 try:
     import httpx
     import uvicorn
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
+
+    from llorch import http_guard
+    from llorch.log_format import JsonFormatter
+    from llorch.metrics import Metrics
     MISSING_EXTRA = None
     UvicornServer = uvicorn.Server
 except ImportError as e:   # reported by main(); importing this module stays harmless
@@ -44,15 +59,16 @@ except ImportError as e:   # reported by main(); importing this module stays har
     UvicornServer = object
 
 PROG = "llorch-cpud"
-EXIT_BAD_INPUT = 2
 log = logging.getLogger("llorch.server")
 
 MAX_BODY_BYTES = 1 << 20   # a 32768-character prompt, fully \u-escaped, is well under this
+MAX_JSON_DEPTH = 16        # every request is flat (an object holding a list at most); parsing recurses per level
+MAX_INTEGER_DIGITS = 40    # 2**64 has 20; longer literals are not converted (Python caps int parsing itself)
 MAX_PROMPT_CHARS = 32768
 MAX_NEW_TOKENS = 2048
 RETRY_AFTER_S = "1"
-CALLBACK_ATTEMPTS = 8
 CALLBACK_FIRST_DELAY_S, CALLBACK_MAX_DELAY_S = 1.0, 30.0
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}   # no proxy may hold events back
 
 
@@ -82,14 +98,38 @@ def violation(field: str, constraint: str, message: str, value: object = ...) ->
 KINDS = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "list": list}
 
 
+class HugeInteger:
+    """A JSON integer literal of more than MAX_INTEGER_DIGITS digits, left unconverted."""
+
+    def __init__(self, literal: str) -> None:
+        self.digits = len(literal.lstrip("-"))
+
+    def __str__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def parse_int(literal: str) -> int | HugeInteger:
+    return int(literal) if len(literal) <= MAX_INTEGER_DIGITS else HugeInteger(literal)
+
+
 def check(field: Field, value: object, name: str) -> list[dict]:
     """The violations of one present value (name is the field's path, e.g. stop[2])."""
+    article = "an" if field.kind[0] in "aeiou" else "a"
+    if isinstance(value, HugeInteger):
+        if field.kind in ("integer", "number"):
+            return [violation(name, "range", f"{name} must be {describe_range(field)}, got {value}")]
+        return [violation(name, "type", f"{name} must be {article} {field.kind}, got {value}")]
     # bool is an int in Python, but true is not a number in JSON
     if not isinstance(value, KINDS[field.kind]) or (isinstance(value, bool) and field.kind != "boolean"):
-        article = "an" if field.kind[0] in "aeiou" else "a"
         return [violation(name, "type", f"{name} must be {article} {field.kind}", value)]
     if field.kind == "number" and not math.isfinite(value):
         return [violation(name, "type", f"{name} must be a finite number", str(value))]
+    if field.kind == "string":
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:   # JSON's \ud800 escapes decode to a lone surrogate, which no UTF-8 holds
+            return [violation(name, "encoding", f"{name} is not valid Unicode: a lone surrogate at character "
+                              f"{e.start}")]
     if field.kind in ("string", "list"):
         size, unit = len(value), "characters" if field.kind == "string" else "items"
         errors = [] if in_range(field, size) else [
@@ -158,6 +198,35 @@ class RequestError(Exception):
         self.status, self.errors = status, errors
 
 
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, counted on its bytes (strings left out) before
+    the recursive parser runs: a deep enough text would exhaust Python's recursion limit."""
+    structure = np.frombuffer(JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    opens = (structure == ord("[")) | (structure == ord("{"))
+    closes = (structure == ord("]")) | (structure == ord("}"))
+    depth = np.cumsum(opens.astype(np.int32) - closes)
+    return int(depth.max(initial=0))
+
+
+def parse_json(raw: bytes) -> object:
+    """The JSON value of a request body; RequestError 400 on `body` when it is not UTF-8 or not JSON, or nests
+    deeper than MAX_JSON_DEPTH. The messages are this module's own: no parser internals reach the client."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(400, [violation("body", "json", f"the body is not UTF-8 (byte {e.start})")]) from None
+    if nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise RequestError(400, [violation("body", "depth", f"the body nests deeper than {MAX_JSON_DEPTH} levels")])
+    try:
+        return json.loads(text, parse_int=parse_int)
+    except json.JSONDecodeError as e:
+        raise RequestError(400, [violation("body", "json", f"malformed JSON: {e.msg} at line {e.lineno} column "
+                                           f"{e.colno}")]) from None
+
+
 async def read_json(request: Request) -> object:
     """The parsed body; RequestError 400 on `body` when it is too large or not JSON."""
     chunks, size = [], 0
@@ -166,10 +235,7 @@ async def read_json(request: Request) -> object:
         if size > MAX_BODY_BYTES:
             raise RequestError(400, [violation("body", "size", f"the body exceeds {MAX_BODY_BYTES} bytes")])
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except ValueError as e:   # JSONDecodeError and UnicodeDecodeError both are
-        raise RequestError(400, [violation("body", "json", f"malformed JSON: {e}")]) from None
+    return parse_json(b"".join(chunks))
 
 
 def validated(body: object, fields: tuple[Field, ...]) -> dict:
@@ -182,19 +248,38 @@ def validated(body: object, fields: tuple[Field, ...]) -> dict:
 
 # ---- the worker: state shared by the routes ----
 
+def model_name(model: str) -> str:
+    """What clients see as `model`: a local checkpoint's directory name (a file's directory), or the hub id
+    as given; never a filesystem path, which would tell any client how the machine is laid out."""
+    path = pathlib.Path(model)
+    if path.exists():
+        return (path if path.is_dir() else path.parent).resolve().name
+    return model
+
+
 class Worker:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.model_ref = args.model
+        self.model_ref = args.model             # as given: for the log and the orchestrator's callback
+        self.model_name = args.model_name or model_name(args.model)
         self.worker_id = args.worker_id
         self.uri = f"http://{args.host}:{args.port}"
         self.callback_url = args.callback_url
+        self.callback_token = args.callback_token
+        self.callback_timeout_s = args.callback_timeout
+        self.callback_delivered = False
         self.grace_s = args.grace_period
-        self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), model_name=args.model,
-                                   max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+        self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), max_batch=args.max_batch,
+                                   max_queue=args.max_queue, threads=args.threads)
+        self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes)
         self.encoding = llorch.tokenizer()
         self.draining = False
         self.exit_code = 0
         self.request_exit: Callable[[], None] = lambda: None   # set by main: stops the HTTP server
+
+    def kv_cache_bytes(self) -> int:
+        if not self.model_loaded:
+            return 0
+        return self.scheduler.memory_bytes() - self.scheduler.loaded.result().weight_bytes
 
     @property
     def model_loaded(self) -> bool:
@@ -212,17 +297,17 @@ class Worker:
     def prompt_ids(self, params: dict) -> tuple[list[int], list[dict]]:
         """The prompt's tokens, or a violation on `prompt` when they and max_tokens overflow the context."""
         ids = self.encoding.encode(params["prompt"], disallowed_special=())   # <|endoftext|> is plain text
-        context = self.scheduler.loaded.result().config.n_positions
-        if len(ids) + params["max_tokens"] > context:
-            return ids, [violation("prompt", "context", f"prompt of {len(ids)} tokens + {params['max_tokens']} "
-                                   f"new tokens exceeds the context of {context} positions")]
+        try:
+            self.scheduler.loaded.result().check_request(ids, params["max_tokens"])
+        except llorch.ContextError as e:
+            return ids, [violation("prompt", "context", str(e))]
         return ids, []
 
     def new_job(self, job_id: str, params: dict, prompt_ids: list[int]) -> tuple[Job, asyncio.Queue]:
         """A job from validated params, and the queue its events arrive on, in this event loop."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(event: Event) -> None:   # called on the scheduler thread
+        def emit(event: JobEvent) -> None:   # called on the scheduler thread
             with contextlib.suppress(RuntimeError):   # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
@@ -235,14 +320,16 @@ class Worker:
         job = Job(job_id, prompt_ids, params["max_tokens"], sampler, emit, stop=params["stop"], seed=seed)
         return job, events
 
-    async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[Event]:
+    async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[JobEvent]:
         """The job's events as they are produced, up to its terminal one. If the consumer stops first (the
         client disconnected), the job is cancelled."""
         ended = False
+        measure = self.metrics.job_tracker(len(job.prompt_ids), job.submitted_at)
         try:
             while not ended:
                 event = await queue.get()
-                ended = event.terminal
+                ended = isinstance(event, (JobEnded, JobFailed))
+                measure(event)
                 yield event
         finally:
             if not ended:
@@ -277,36 +364,50 @@ class Worker:
             await self.announce()
 
     async def announce(self) -> None:
+        """POST the ready callback until it is acknowledged (announce)."""
         await announce(self.callback_url, {"worker_id": self.worker_id, "model_ref": self.model_ref,
-                                           "memory_bytes": self.scheduler.memory_bytes(), "uri": self.uri})
+                                           "memory_bytes": self.scheduler.memory_bytes(), "uri": self.uri},
+                       self.callback_token, self.callback_timeout_s)
+        self.callback_delivered = True
 
 
-async def announce(callback_url: str, payload: dict) -> None:
-    """POST the ready callback, retried with capped exponential back-off (llorch.ray announces with it too)."""
-    delay = CALLBACK_FIRST_DELAY_S
-    async with httpx.AsyncClient(timeout=10.0) as client:
-        for attempt in range(1, CALLBACK_ATTEMPTS + 1):
+async def announce(callback_url: str, payload: dict, token: str | None, timeout_s: float) -> None:
+    """POST a ready callback until it is acknowledged (a 2xx answer), each attempt bounded by timeout_s, the
+    delays between them doubling up to CALLBACK_MAX_DELAY_S. llorch.ray's application announces with it too."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    delay, attempt = CALLBACK_FIRST_DELAY_S, 1
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        while True:
             try:
-                response = await client.post(callback_url, json=payload)
+                response = await client.post(callback_url, json=payload, headers=headers)
                 response.raise_for_status()
                 log.info("announced to %s", callback_url)
                 return
             except httpx.HTTPError as e:
-                log.warning("callback to %s failed (attempt %d of %d): %s", callback_url, attempt,
-                            CALLBACK_ATTEMPTS, e or type(e).__name__)
-            if attempt < CALLBACK_ATTEMPTS:
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, CALLBACK_MAX_DELAY_S)
-    log.error("callback to %s abandoned after %d attempts", callback_url, CALLBACK_ATTEMPTS)
+                log.warning("callback to %s failed (attempt %d, next in %g s): %s", callback_url, attempt, delay,
+                            callback_failure(e, timeout_s))
+            await asyncio.sleep(delay)
+            delay, attempt = min(2 * delay, CALLBACK_MAX_DELAY_S), attempt + 1
+
+
+def callback_failure(error: httpx.HTTPError, timeout_s: float) -> str:
+    """Why a callback attempt failed, never blank (httpx's timeouts carry no message)."""
+    if isinstance(error, httpx.TimeoutException):
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"answered {error.response.status_code}"
+    return str(error) or type(error).__name__
 
 
 # ---- routes ----
 
-def rejection(status: int, content: dict, reason: str) -> JSONResponse:
-    """A refused request: logged (never the prompt), and 503s tell when to come back."""
+def rejection(status: int, content: dict, reason: str) -> Response:
+    """A refused request: logged (never the prompt), and 503s tell when to come back. The body is escaped
+    JSON: a rejected value is echoed back, and it may hold a lone surrogate or a huge integer."""
     log.warning("request refused with %d: %s", status, reason)
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    return JSONResponse(content, status_code=status, headers=headers)
+    return Response(http_guard.json_bytes(content), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 def sse(name: str | None, data: object) -> str:
@@ -316,14 +417,32 @@ def sse(name: str | None, data: object) -> str:
     return f"{head}data: {payload}\n\n"
 
 
+def execute_sse(event: JobEvent, model_name: str) -> str:
+    """A job event as the worker contract's named SSE events (spec 14, requirement 8)."""
+    if isinstance(event, JobStarted):
+        return sse("started", {"job_id": event.job_id, "model": model_name,
+                               "started_at": event.started_at.isoformat()})
+    if isinstance(event, TokenReleased):
+        return sse("token", {"t": event.text, "i": event.index})
+    if isinstance(event, JobFailed):
+        return sse("error", {"code": event.code.value, "message": event.message})
+    end = {"tokens_out": event.tokens_out, "decode_time_ms": round(event.generation_s * 1e3, 3),
+           "stop_reason": event.stop_reason.name}
+    if event.stop_sequence is not None:
+        end["stop_sequence_matched"] = event.stop_sequence
+    metrics = {"tokens_per_sec": round(event.tokens_out / event.generation_s, 3), "memory_bytes": event.memory_bytes}
+    return sse("metrics", metrics) + sse("end", end)
+
+
 async def health(request: Request) -> JSONResponse:
     worker: Worker = request.app.state.worker
     active, queued = worker.scheduler.counts()
     return JSONResponse({
         "status": "healthy" if worker.unavailable() is None else "unhealthy",
         "model_loaded": worker.model_loaded, "memory_type": "cpu", "memory_bytes": worker.scheduler.memory_bytes(),
-        "model": worker.model_ref, "worker_id": worker.worker_id, "active_jobs": active, "queued_jobs": queued,
+        "model": worker.model_name, "worker_id": worker.worker_id, "active_jobs": active, "queued_jobs": queued,
         "max_batch": worker.scheduler.max_batch, "max_queue": worker.scheduler.max_queue,
+        "callback_delivered": worker.callback_delivered if worker.callback_url else None,
     })
 
 
@@ -358,8 +477,13 @@ async def execute(request: Request) -> Response:
 
     async def stream() -> AsyncIterator[str]:
         async for event in worker.events(job, queue):
-            yield sse(event.name, event.data)
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+            yield execute_sse(event, worker.model_name)
+
+    def failure(request_id: str) -> str:
+        return sse("error", {"code": FailureCode.INFERENCE_FAILED.value,
+                             "message": f"internal error (request id {request_id})"})
+    return StreamingResponse(http_guard.guard_stream(stream(), failure, request.state.request_id),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def cancel(request: Request) -> JSONResponse:
@@ -376,21 +500,19 @@ async def cancel(request: Request) -> JSONResponse:
 
 # ---- OpenAI-style completions ----
 
-def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """OpenAI's error shape: {"error": {message, type, param, code}}."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return rejection(status, {"error": {"message": message, "type": kind, "param": param, "code": None}},
+def openai_error(status: int, message: str, param: str | None = None) -> Response:
+    return rejection(status, http_guard.openai_error_body(status, message, param),
                      f"/v1/completions: {param or message}")
 
 
-def finish_reason(stop_reason: str) -> str:
-    return "stop" if stop_reason in (EOS, STOP_SEQUENCE) else "length"
+def finish_reason(stop_reason: StopReason) -> str:
+    return "length" if stop_reason == StopReason.MAX_TOKENS else "stop"
 
 
 async def models(request: Request) -> JSONResponse:
     worker: Worker = request.app.state.worker
     return JSONResponse({"object": "list", "data": [
-        {"id": worker.model_ref, "object": "model", "created": request.app.state.started, "owned_by": "llorch"}]})
+        {"id": worker.model_name, "object": "model", "created": request.app.state.started, "owned_by": "llorch"}]})
 
 
 async def completions(request: Request) -> Response:
@@ -406,7 +528,7 @@ async def completions(request: Request) -> Response:
         job, queue, params = accept_job(worker, body, COMPLETION_FIELDS, job_id=completion_id)
     except RequestError as e:
         return openai_error(e.status, "; ".join(error["message"] for error in e.errors), e.errors[0]["field"])
-    head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": worker.model_ref}
+    head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": worker.model_name}
 
     def choice(text: str, reason: str | None) -> dict:
         return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
@@ -414,34 +536,65 @@ async def completions(request: Request) -> Response:
     if params["stream"]:
         async def stream() -> AsyncIterator[str]:
             async for event in worker.events(job, queue):
-                if event.name == "token" and event.data["t"]:
-                    yield sse(None, {**head, "choices": [choice(event.data["t"], None)]})
-                elif event.name == "end":
-                    yield sse(None, {**head, "choices": [choice("", finish_reason(event.data["stop_reason"]))]})
-                elif event.name == "error":
-                    yield sse(None, {"error": {"message": event.data["message"], "type": "server_error",
-                                               "param": None, "code": event.data["code"]}})
+                if isinstance(event, TokenReleased) and event.text:
+                    yield sse(None, {**head, "choices": [choice(event.text, None)]})
+                elif isinstance(event, JobEnded):
+                    yield sse(None, {**head, "choices": [choice("", finish_reason(event.stop_reason))]})
+                elif isinstance(event, JobFailed):
+                    yield sse(None, http_guard.openai_error_body(500, event.message, code=event.code.value))
             yield sse(None, "[DONE]")
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    text = []
-    async for event in worker.events(job, queue):
-        if event.name == "token":
-            text.append(event.data["t"])
-        elif event.name == "error":
-            return openai_error(503 if event.data["code"] == CANCELLED else 500, event.data["message"])
-        elif event.name == "end":
-            usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": event.data["tokens_out"],
-                     "total_tokens": len(job.prompt_ids) + event.data["tokens_out"]}
-            return JSONResponse({**head, "choices": [choice("".join(text), finish_reason(event.data["stop_reason"]))],
-                                 "usage": usage})
+        def failure(request_id: str) -> str:
+            error = http_guard.openai_error_body(500, f"internal error (request id {request_id})")
+            return sse(None, error) + sse(None, "[DONE]")
+        return StreamingResponse(http_guard.guard_stream(stream(), failure, request.state.request_id),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def complete() -> Response:
+        text = []
+        async for event in worker.events(job, queue):
+            if isinstance(event, TokenReleased):
+                text.append(event.text)
+            elif isinstance(event, JobFailed):
+                return openai_error(503 if event.code == FailureCode.CANCELLED else 500, event.message)
+            elif isinstance(event, JobEnded):
+                usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": event.tokens_out,
+                         "total_tokens": len(job.prompt_ids) + event.tokens_out}
+                return JSONResponse({**head, "usage": usage,
+                                     "choices": [choice("".join(text), finish_reason(event.stop_reason))]})
+    return await unless_disconnected(request, complete())
+
+
+async def unless_disconnected(request: Request, answer: Awaitable[Response]) -> Response:
+    """The awaited answer, unless the client disconnects first: then the answer is cancelled (and with it
+    the job it waits on), and the response goes to nobody."""
+    answering = asyncio.ensure_future(answer)
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watching = asyncio.ensure_future(disconnect())
+    await asyncio.wait({answering, watching}, return_when=asyncio.FIRST_COMPLETED)
+    watching.cancel()
+    if answering.done():
+        return answering.result()
+    answering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answering
+    return Response(status_code=499)   # nginx's "client closed request"; nobody reads it
+
+
+async def metrics(request: Request) -> Response:
+    worker: Worker = request.app.state.worker
+    return Response(worker.metrics.render(), media_type=worker.metrics.content_type)
 
 
 # ---- the application and the process ----
 
-def create_app(worker: Worker) -> Starlette:
+def create_app(worker: Worker, policy: http_guard.Policy) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        http_guard.quiet_floods(asyncio.get_running_loop())
         worker.scheduler.start()
         announcing = asyncio.create_task(worker.after_load())
         yield
@@ -454,20 +607,33 @@ def create_app(worker: Worker) -> Starlette:
         Route("/cancel", cancel, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
-    ])
+        Route("/metrics", metrics, methods=["GET"]),
+    ], middleware=[Middleware(http_guard.HttpGuard, policy=policy, draining=lambda: worker.draining,
+                              on_response=worker.metrics.count_request)])
     app.state.worker = worker
     app.state.started = int(time.time())
     return app
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="GPT-2 worker daemon: llama-orch's worker contract "
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="GPT-2 worker daemon: llama-orch's worker contract "
                                      "and OpenAI-style completions, with continuous batching.")
     parser.add_argument("--model", required=True, help="directory, .safetensors file or hub id (as llorch-run -m)")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1); any other "
+                        "than a loopback one needs an API key or --insecure-no-auth")
+    parser.add_argument("--model-name", help="the model's name in /health, /v1/models and every response "
+                        "(default: the checkpoint's directory name, or the hub id)")
     parser.add_argument("--worker-id", default=None, help="default: a random UUID")
-    parser.add_argument("--callback-url", help="POSTed {worker_id, model_ref, memory_bytes, uri} once loaded")
+    add_callback_arguments(parser, when="once loaded")
+    security = add_guard_arguments(parser)
+    security.add_argument("--max-connections", type=int, default=256,
+                          help="open connections served; a request beyond gets 503, except GET /health (default: 256)")
+    security.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                          help="time to send a request's headers and body, and for a new connection to start one; "
+                          "slower connections are closed (default: 10)")
+    security.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                          help="idle time after which a kept-alive connection is closed (default: 5)")
     parser.add_argument("--threads", type=int, help="kernel threads (default: LLORCH_NUM_THREADS, "
                         "OMP_NUM_THREADS, all cores)")
     parser.add_argument("--max-batch", type=int, default=8, help="jobs decoded together (default: 8)")
@@ -476,19 +642,114 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, how long running jobs may finish before they are cancelled (default: 10)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line, with the job id where there is one (default: text)")
     return parser
 
 
+def add_callback_arguments(parser: ArgumentParser, when: str) -> None:
+    """The ready callback's options (announce's arguments; llorch-serve's too)."""
+    parser.add_argument("--callback-url", help=f"POSTed {{worker_id, model_ref, memory_bytes, uri}} {when}, "
+                        "retried until acknowledged")
+    parser.add_argument("--callback-token", default=os.environ.get("LLORCH_CALLBACK_TOKEN"),
+                        help="sent as Authorization: Bearer TOKEN with the callback (default: LLORCH_CALLBACK_TOKEN)")
+    parser.add_argument("--callback-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="time limit of each callback attempt (default: 5)")
+
+
+def add_guard_arguments(parser: ArgumentParser):
+    """The options of the HTTP guard's Policy (llorch-serve's too): the API key, Host and CORS checks. Returns
+    their argument group."""
+    security = parser.add_argument_group("security (docs/specs/14-worker-daemon.md, Security)")
+    security.add_argument("--api-key-file", metavar="PATH", help="file holding the API key every route but "
+                          "GET /health requires as Authorization: Bearer KEY (or set LLORCH_API_KEY)")
+    security.add_argument("--api-key", help="the API key itself; visible to every local user in ps: prefer "
+                          "--api-key-file or LLORCH_API_KEY")
+    security.add_argument("--insecure-no-auth", action="store_true",
+                          help="allow a non-loopback --host without an API key")
+    security.add_argument("--allowed-hosts", metavar="HOST,...", help="Host header names accepted, others get 400 "
+                          "(default: the --host address and localhost names; * accepts any)")
+    security.add_argument("--cors-origins", metavar="ORIGIN,...", default="",
+                          help="origins browsers may call from (default: none, no CORS headers)")
+    return security
+
+
+def guard_policy(args: argparse.Namespace, api_key: str | None) -> http_guard.Policy:
+    """The HTTP guard's Policy from add_guard_arguments' options and the key read_exposure_key gave."""
+    allowed_hosts = split_list(args.allowed_hosts) or {args.host.lower(), *LOOPBACK_NAMES}
+    return http_guard.Policy(api_key=api_key, cors_origins=split_list(args.cors_origins),
+                             allowed_hosts=None if "*" in allowed_hosts else frozenset(allowed_hosts))
+
+
+def read_exposure_key(args: argparse.Namespace, parser: ArgumentParser) -> str | None:
+    """The API key (read_api_key); a --host reachable from other machines needs one, or --insecure-no-auth."""
+    api_key = read_api_key(args, parser)
+    if not is_loopback(args.host) and api_key is None and not args.insecure_no_auth:
+        parser.error(f"--host {args.host} is reachable from other machines: set an API key (--api-key-file or "
+                     "LLORCH_API_KEY) or pass --insecure-no-auth")
+    return api_key
+
+
+def read_api_key(args: argparse.Namespace, parser: ArgumentParser) -> str | None:
+    """The API key from --api-key-file, --api-key or LLORCH_API_KEY, or None."""
+    if args.api_key_file and args.api_key:
+        parser.error("give --api-key-file or --api-key, not both")
+    if args.api_key_file:
+        try:
+            key = pathlib.Path(args.api_key_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read --api-key-file {args.api_key_file}: {getattr(e, 'strerror', None) or e}")
+        if not key:
+            parser.error(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return args.api_key or os.environ.get("LLORCH_API_KEY") or None
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a name other than localhost may resolve to anything
+        return False
+
+
+def split_list(value: str | None) -> frozenset[str]:
+    return frozenset(item.strip() for item in (value or "").split(",") if item.strip())
+
+
 class DrainingServer(UvicornServer):
-    """uvicorn, which on SIGTERM or SIGINT first lets the worker drain its jobs (Worker.drain)."""
+    """uvicorn, which on SIGTERM or SIGINT first stops listening and lets the worker drain its jobs
+    (Worker.drain) while open connections stay open, so that a request on one gets its 503; once no job
+    is left, uvicorn shuts down as usual. A second signal exits at once."""
 
     def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
         super().__init__(config)
         self.worker = worker
+        self.exit_signal: int | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
+        if self.exit_signal is not None:
+            log.warning("second %s during the shutdown: exiting at once", signal.Signals(sig).name)
+            os._exit(128 + sig)
+        self.exit_signal = sig
+        if not self.started:   # nothing to drain yet
+            super().handle_exit(sig, frame)
+            return
+        self.loop.call_soon_threadsafe(self.start_drain, sig)
+
+    def start_drain(self, sig: int) -> None:
+        self.draining = self.loop.create_task(self.drain(sig))   # held: the loop keeps only a weak reference
+
+    async def drain(self, sig: int) -> None:
+        for listener in self.servers:
+            listener.close()
         self.worker.drain()
-        super().handle_exit(sig, frame)
+        while any(self.worker.scheduler.counts()):
+            await asyncio.sleep(0.05)
+        super().handle_exit(sig, None)   # uvicorn's graceful shutdown, and the signal re-raised after it
 
     def request_exit(self) -> None:
         self.should_exit = True
@@ -498,19 +759,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if MISSING_EXTRA:
-        parser.exit(EXIT_BAD_INPUT, f"{PROG}: error: the server extra is not installed ({MISSING_EXTRA} is "
-                                    "missing): pip install 'llorch[server]'\n")
+        parser.error(f"the server extra is not installed ({MISSING_EXTRA} is missing): pip install 'llorch[server]'")
     for name, value, low in (("--port", args.port, 1), ("--threads", args.threads or 1, 1),
-                             ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0)):
+                             ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--max-connections", args.max_connections, 1)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
+    for name, value in (("--request-timeout", args.request_timeout), ("--keep-alive-timeout", args.keep_alive_timeout),
+                        ("--callback-timeout", args.callback_timeout)):
+        if not value > 0:
+            parser.error(f"{name} must be > 0, got {value}")
+    api_key = read_exposure_key(args, parser)
     args.worker_id = args.worker_id or str(uuid.uuid4())
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if args.api_key:
+        log.warning("--api-key is visible to every local user (ps, /proc): prefer --api-key-file or LLORCH_API_KEY")
 
     worker = Worker(args)
-    config = uvicorn.Config(create_app(worker), host=args.host, port=args.port, log_config=None,
-                            log_level=args.log_level, access_log=False,
+    config = uvicorn.Config(create_app(worker, guard_policy(args, api_key)), host=args.host, port=args.port,
+                            log_config=None, log_level=args.log_level, access_log=False,
+                            http=http_guard.guarded_protocol(args.request_timeout),
+                            # uvicorn counts the connection asking among the open ones: N + 1 serves N
+                            limit_concurrency=args.max_connections + 1, timeout_keep_alive=args.keep_alive_timeout,
                             timeout_graceful_shutdown=args.grace_period + 5)   # a backstop: drain() cancels first
     server = DrainingServer(config, worker)
     worker.request_exit = server.request_exit
@@ -520,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()
     except KeyboardInterrupt:   # SIGINT, re-raised by uvicorn after the same graceful shutdown
-        return 130
+        return EXIT_INTERRUPTED
     return worker.exit_code
 
 

@@ -43,15 +43,24 @@ class StreamDecoder:
 
 class StopStrings:
     """Text chunks in, the text before the first stop string out, released as soon as it cannot be the
-    beginning of one. `text` is everything released; `stopped` tells that a stop string was found."""
+    beginning of one. `text` is everything released; `matched` is the stop string found, if any."""
 
     def __init__(self, stop: Sequence[str] = ()) -> None:
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
+        self.check(stop)
         self._stop = tuple(stop)
         self._held = ""
         self.text = ""
-        self.stopped = False
+        self.matched: str | None = None   # the stop string found (the first listed of those found earliest)
+
+    @staticmethod
+    def check(stop: Sequence[str]) -> None:
+        """ValueError unless every stop string is non-empty."""
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     def push(self, chunk: str) -> str:
         """The text that can be shown now."""
@@ -60,8 +69,9 @@ class StopStrings:
         self._held += chunk
         found = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
         if found:
-            self.stopped = True
-            return self._release(min(found))
+            cut = min(found)
+            self.matched = next(s for s in self._stop if self._held.startswith(s, cut))
+            return self._release(cut)
         return self._release(len(self._held) - self._stop_prefix_length())
 
     def flush(self) -> str:

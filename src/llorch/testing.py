@@ -20,6 +20,10 @@ forgotten bias or gain shows in a comparison. Variants make the activations look
   common offset, as trained GPT-2's logits have.
 - "big_ln": layer-norm gains drawn from U(0.5, 4) and biases from N(0, 0.5), so normalised activations and
   the GELU inputs reach well beyond the unit range.
+
+A random model's greedy text repeats one or two ids with small top-1 margins, so greedy comparisons need a
+trained one: `python -m llorch.testing train DIR` (train_checkpoint, torch and transformers imported only
+there) trains TRAINED_SHAPE on the running Python's own standard-library sources, seeded.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import shutil
 
 import numpy as np
 
-from .checkpoint import write_safetensors
+from .checkpoint import block_shapes, write_safetensors
 from .config import GPT2Config
 from .tokenizer import EOT_TOKEN
 
@@ -82,12 +86,16 @@ def make_checkpoint(directory: str | os.PathLike, shape: str | GPT2Config = "tin
 
     os.makedirs(directory, exist_ok=True)
     write_safetensors(os.path.join(directory, "model.safetensors"), weights, dtype)
+    _write_config_and_tokenizer(directory, dims)
+    return os.fspath(directory)
+
+
+def _write_config_and_tokenizer(directory: str | os.PathLike, dims: GPT2Config) -> None:
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config(dims), f, indent=2, sort_keys=True)
         f.write("\n")
     shutil.copyfile(os.path.join(_DATA, "encoder.json"), os.path.join(directory, "vocab.json"))
     shutil.copyfile(os.path.join(_DATA, "vocab.bpe"), os.path.join(directory, "merges.txt"))
-    return os.fspath(directory)
 
 
 def hf_config(dims: GPT2Config) -> dict:
@@ -113,27 +121,24 @@ def random_weights(dims: GPT2Config, *, seed: int = 0, variant: str = "normal") 
         values *= np.float32(std)
         return values
 
-    def layer_norm(name: str) -> dict[str, np.ndarray]:
+    def layer_norm(name: str) -> np.ndarray:   # name: a gain ("...weight") or a bias
         if variant == "big_ln":
-            gain = rng.uniform(0.5, 4.0, C).astype(np.float32)
-            return {name + ".weight": gain, name + ".bias": normal((C,), 0.5)}
-        return {name + ".weight": 1 + normal((C,), 0.1), name + ".bias": normal((C,), 0.02)}
+            return rng.uniform(0.5, 4.0, C).astype(np.float32) if name.endswith("weight") else normal((C,), 0.5)
+        return 1 + normal((C,), 0.1) if name.endswith("weight") else normal((C,), 0.02)
 
     proj_std = 0.02 / np.sqrt(2 * L)  # GPT-2's scaled init of the layers that write to the residual stream
+
+    def block_tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name.startswith("ln_"):
+            return layer_norm(name)
+        if name.endswith("bias"):
+            return normal(shape, 0.01)
+        return normal(shape, proj_std if name.endswith("c_proj.weight") else 0.02)
+
     weights = {"wte.weight": normal((dims.vocab_size, C), 0.02), "wpe.weight": normal((dims.n_positions, C), 0.01)}
     for i in range(L):
-        h = f"h.{i}."
-        weights |= layer_norm(h + "ln_1")
-        weights[h + "attn.c_attn.weight"] = normal((C, 3 * C), 0.02)
-        weights[h + "attn.c_attn.bias"] = normal((3 * C,), 0.01)
-        weights[h + "attn.c_proj.weight"] = normal((C, C), proj_std)
-        weights[h + "attn.c_proj.bias"] = normal((C,), 0.01)
-        weights |= layer_norm(h + "ln_2")
-        weights[h + "mlp.c_fc.weight"] = normal((C, 4 * C), 0.02)
-        weights[h + "mlp.c_fc.bias"] = normal((4 * C,), 0.01)
-        weights[h + "mlp.c_proj.weight"] = normal((4 * C, C), proj_std)
-        weights[h + "mlp.c_proj.bias"] = normal((C,), 0.01)
-    weights |= layer_norm("ln_f")
+        weights |= {f"h.{i}.{name}": block_tensor(name, shape) for name, shape in block_shapes(dims).items()}
+    weights |= {name: layer_norm(name) for name in ("ln_f.weight", "ln_f.bias")}
     if variant == "outliers":
         _add_outlier_dims(weights, dims, rng)
     return weights
@@ -180,12 +185,125 @@ def _rescale_layer_norm(gain: np.ndarray, outliers: np.ndarray, outlier_values: 
     gain[outliers] = rng.uniform(1, 3, outliers.size) * stream_std / np.abs(outlier_values)
 
 
+# The trained test model: small enough to train in minutes on two cores, trained enough that greedy text is
+# varied (a random model repeats one or two ids) and that its top-1 logit stands clear of the runner-up.
+TRAINED_SHAPE = GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=256)
+TRAINED_STEPS = 400
+TRAINED_BATCH = (16, 128)   # sequences per step, tokens per sequence
+TRAINED_CORPUS_BYTES = 150_000
+TRAINED_PROMPTS = ("import os\n", "class Decimal")   # greedy gives >= 20 distinct ids in 64 tokens on these
+
+
+def stdlib_corpus(max_bytes: int = TRAINED_CORPUS_BYTES) -> list[str]:
+    """The running Python's top-level standard-library modules (Lib/*.py), by name, up to max_bytes: a text
+    corpus every machine has; the same Python version gives the same files in the same order."""
+    import sysconfig
+    stdlib = sysconfig.get_paths()["stdlib"]
+    paths, total = [], 0
+    for name in sorted(n for n in os.listdir(stdlib) if n.endswith(".py")):
+        path = os.path.join(stdlib, name)
+        if total >= max_bytes:
+            break
+        paths.append(path)
+        total += os.path.getsize(path)
+    return paths
+
+
+def train_checkpoint(directory: str | os.PathLike, *, steps: int = TRAINED_STEPS, seed: int = 0,
+                     corpus_bytes: int = TRAINED_CORPUS_BYTES, log=print) -> dict:
+    """Train TRAINED_SHAPE on stdlib_corpus(corpus_bytes) with GPT-2's tokenizer (each line's indentation
+    stripped) and write it in HF's layout, F16.
+
+    Needs torch and transformers (the test extra); the model is HF's own GPT2LMHeadModel, so the tensor
+    names and layouts are the ones `from_pretrained` writes. Seeded: the same Python, torch and thread count
+    give the same weights. The loss is taken over the ids that occur in the corpus only (some 4,000 of the
+    50,257), which makes the output layer cheap; the other rows of wte keep their initial values, far
+    below the trained ids' logits. The corpus is small and seen a few times over: the model half-memorises
+    it, which is what makes its greedy text varied after minutes of training. Returns {"steps", "loss" (the mean of the last 50 steps),
+    "seconds", "parameters", "files", "tokens"}.
+    """
+    import math
+    import time
+
+    import torch
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    from .tokenizer import tokenizer
+
+    torch.manual_seed(seed)
+    files = stdlib_corpus(corpus_bytes)
+    enc = tokenizer()
+    ids: list[int] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            # Indentation stripped: GPT-2's tokenizer spends one token per indenting space (half of the
+            # stdlib's tokens), which a short training learns first and greedy decoding then repeats forever.
+            text = "\n".join(line.lstrip() for line in f.read().splitlines())
+        ids += enc.encode_ordinary(text) + [EOT_TOKEN]
+    data = torch.tensor(ids, dtype=torch.long)
+    seen, targets_in_seen = torch.unique(data, return_inverse=True)
+
+    dims = TRAINED_SHAPE
+    config = HFConfig(**{k: v for k, v in hf_config(dims).items() if k not in ("architectures", "model_type")})
+    config.embd_pdrop = config.attn_pdrop = config.resid_pdrop = 0.0
+    model = GPT2LMHeadModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=8e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)   # then a cosine decay to a tenth
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup, 0.55 + 0.45 * math.cos(math.pi * min(1.0, step / steps))))
+    batch, length = TRAINED_BATCH
+    starts_rng = torch.Generator().manual_seed(seed)
+    wte = model.transformer.wte.weight
+    began, losses = time.monotonic(), []
+    for step in range(steps):
+        starts = torch.randint(0, data.numel() - length - 1, (batch,), generator=starts_rng)
+        window = torch.stack([data[s:s + length + 1] for s in starts.tolist()])
+        target = torch.stack([targets_in_seen[s + 1:s + length + 1] for s in starts.tolist()])
+        hidden = model.transformer(window[:, :-1]).last_hidden_state
+        logits = hidden @ wte[seen].T
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, seen.numel()), target.reshape(-1))
+        losses.append(loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"step {step}/{steps}: loss {losses[-1]:.3f} ({time.monotonic() - began:.0f} s)")
+
+    weights = {name.removeprefix("transformer."): tensor.detach().numpy()
+               for name, tensor in model.state_dict().items()
+               if name != "lm_head.weight" and not name.endswith(".attn.bias")}
+    os.makedirs(directory, exist_ok=True)
+    write_safetensors(os.path.join(directory, "model.safetensors"), weights, "float16")
+    _write_config_and_tokenizer(directory, dims)
+    return {"steps": steps, "loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.monotonic() - began,
+            "parameters": sum(p.numel() for p in model.parameters()), "files": len(files), "tokens": len(ids)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """python -m llorch.testing SHAPE DIRECTORY [--seed N] [--variant V] [--dtype D]: write a checkpoint."""
+    """python -m llorch.testing SHAPE DIRECTORY [--seed N] [--variant V] [--dtype D]: write a checkpoint.
+    python -m llorch.testing train DIRECTORY [--steps N] [--seed N]: train the test model (torch)."""
     import argparse
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        parser = argparse.ArgumentParser(prog="python -m llorch.testing train",
+                                         description="Train the small test GPT-2 on the standard library's "
+                                                     "sources and write it in Hugging Face's layout (F16).")
+        parser.add_argument("directory")
+        parser.add_argument("--steps", type=int, default=TRAINED_STEPS)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--corpus-bytes", type=int, default=TRAINED_CORPUS_BYTES)
+        args = parser.parse_args(argv[1:])
+        summary = train_checkpoint(args.directory, steps=args.steps, seed=args.seed, corpus_bytes=args.corpus_bytes,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(summary))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m llorch.testing",
                                      description="Write a seeded random GPT-2 checkpoint in Hugging Face's "
-                                                 "layout (for machines without the real weights).")
+                                                 "layout (for machines without the real weights), or "
+                                                 "`train DIRECTORY` the small test model.")
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("directory")
     parser.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,7 @@
 
 The checkpoint table in docs/specs/13-tracing-and-checkpoints.md lists the same names in the same order
 (tests/test_checkpoint_table.py keeps the two equal). Every implementation -- llorch's model and each
-reference in tests/reference/ -- reports the same names with the same shapes, so two trace directories
+reference in llorch.references -- reports the same names with the same shapes, so two trace directories
 can be laid side by side by `llorch-compare`.
 
 Shapes use T = tokens in this forward pass, S = start_pos + T (cached positions after the write),
@@ -17,9 +17,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .model import GPT2
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -241,14 +245,42 @@ def structural_problems(arrays: Mapping[str, np.ndarray]) -> list[str]:
     return problems
 
 
+class NullTracer:
+    """The tracer of an untraced pass: it keeps nothing, so the forward pass reports every checkpoint alike."""
+
+    def start_forward(self, start_pos: int, n_tokens: int) -> None:
+        pass
+
+    def record(self, name: str, layer: int | None, value: np.ndarray) -> None:
+        pass
+
+
+NULL_TRACER = NullTracer()
+
+
 class TraceableModel(Protocol):
-    """What run_trace drives: llorch's GPT2 and every reference in tests/reference/."""
+    """What run_trace drives: every reference in llorch.references, and llorch's GPT2 through OneSequence."""
 
     def forward(self, token_ids: Sequence[int], start_pos: int = 0, tracer: Tracer | None = None) -> np.ndarray:
         """Logits [T, V] for token_ids at positions start_pos.. (cache positions beyond start_pos are rewritten)."""
 
     def reset(self) -> None:
         """Forget the KV cache."""
+
+
+class OneSequence:
+    """llorch's GPT2 over a KV cache of its own, as a TraceableModel: llorch's forward takes the cache as
+    an argument, the references keep theirs inside."""
+
+    def __init__(self, model: "GPT2") -> None:
+        self.model = model
+        self.cache = model.new_cache()
+
+    def forward(self, token_ids: Sequence[int], start_pos: int = 0, tracer: Tracer | None = None) -> np.ndarray:
+        return self.model.forward(token_ids, self.cache, start_pos=start_pos, tracer=tracer)
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache()
 
 
 def run_trace(model: TraceableModel, prompt_ids: Sequence[int], decode_ids: Sequence[int] = (),

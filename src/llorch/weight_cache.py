@@ -1,33 +1,59 @@
 """A checkpoint's weights as the model holds them (packed), cached on disk so a later load maps them.
 
-Preparing the weights at load (model.py: the four matrices of each block repacked, wte copied) writes
-every byte into fresh memory, and on a VM that hands freed memory back to its host, faulting that memory
-in again took 0.2-0.9 s for 124M. A later load instead maps this file and populates its pages from the
-page cache in one call (~5 ms for 124M when cached); decode measured as fast from it.
+Preparing the weights at load (llorch.weights: the four matrices of each block repacked, wte copied)
+writes every byte into fresh memory, which the operating system must fault in; a later load instead maps
+this file and populates its pages from the page cache in one call, and decodes as fast from it.
 
 The file is a safetensors file of float32 tensors under HF's names, the four matrices of each block
 flattened in the packed layout. Where: $LLORCH_CACHE_DIR, else $XDG_CACHE_HOME/llorch, else
 ~/.cache/llorch; LLORCH_CACHE_DIR=off turns it off. A file's name is a hash of what it was made from
-(each weight file's real path, size, inode, modification and change times, config.json's bytes, the layout
-version), so a changed checkpoint gets a new file; only a file rewritten in place to the same size within
+(each weight file's real path, size, inode, modification and change times, config.json's bytes, the packing
+layout's fingerprint), so a changed checkpoint or a changed layout gets a new file; only a file rewritten in place to the same size within
 one tick of the file system's clock could go unnoticed. The name starts with a hash of the files' paths
 alone: writing a checkpoint's new cache file removes the one of its earlier version, so the cache holds
 one file per checkpoint location. Files are written under a temporary name
-and renamed; a cache that cannot be written only means the next load prepares the weights again.
+(`writer-PID-XXXX.partial`) and renamed; a cache that cannot be written only means the next load prepares
+the weights again. A write that fails or is interrupted (Ctrl-C too) removes its partial file; one left by a
+killed process is swept by the next write: when its writer's pid is dead, or when it has not been written
+to for STALE_PARTIAL_SECONDS (its pid may have been reused, or it was written on another machine).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
+import time
+from collections.abc import Callable
 
 import numpy as np
 
+from . import _kernels as K
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import CheckpointError
 
-LAYOUT_VERSION = 1   # bump whenever the prepared layout changes (the panel width, which tensors are packed)
+PARTIAL_SUFFIX = ".partial"
+STALE_PARTIAL_SECONDS = 3600
+
+# A probe weight [C, OC] spanning two full panels and a narrower last one: any change to the packing
+# (panel width, order within a panel, the ragged tail) moves some of its values.
+_PROBE_SHAPE = (3, 2 * K.PANEL + 5)
+
+
+def layout_fingerprint(pack: Callable[[np.ndarray, np.ndarray], None]) -> str:
+    """A hash of what pack(packed, weight) makes of a fixed probe weight, and of its dtype: the cache key's
+    part that changes whenever the packed layout does, with no version to bump by hand. (Which tensors are
+    packed shows in their shapes, flat when packed, which read() checks.)"""
+    weight = np.arange(np.prod(_PROBE_SHAPE), dtype=np.float32).reshape(_PROBE_SHAPE)
+    packed = np.empty(weight.size, dtype=np.float32)
+    pack(packed, weight)
+    return hashlib.sha256(f"{packed.dtype.str} {packed.shape}\n".encode() + packed.tobytes()).hexdigest()[:16]
+
+
+@functools.cache
+def _layout() -> str:
+    return layout_fingerprint(K.pack_linear)
 
 
 def cache_dir() -> str | None:
@@ -45,7 +71,7 @@ def cache_file(config_path: str, weight_files: list[str]) -> str | None:
     if directory is None:
         return None
     place = hashlib.sha256("\n".join(os.path.realpath(p) for p in [config_path, *weight_files]).encode())
-    state = hashlib.sha256(f"llorch prepared weights, layout {LAYOUT_VERSION}\n".encode())
+    state = hashlib.sha256(f"llorch prepared weights, layout {_layout()}\n".encode())
     try:
         with open(config_path, "rb") as f:
             state.update(f.read())
@@ -73,11 +99,13 @@ def read(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]
 
 
 def write(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """Store tensors at path, best effort: any OS error (read-only directory, full disk) leaves no file."""
+    """Store tensors at path, best effort: any OS error (read-only directory, full disk) leaves no file, and
+    any other exception (KeyboardInterrupt too) leaves none before it propagates."""
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=directory, suffix=".partial")
+        sweep_stale_partials(directory)
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f"writer-{os.getpid()}-", suffix=PARTIAL_SUFFIX)
     except OSError:
         return
     try:
@@ -85,13 +113,43 @@ def write(path: str, tensors: dict[str, np.ndarray]) -> None:
         write_safetensors(temporary, tensors)
         os.replace(temporary, path)
     except OSError:
-        _remove(temporary)
         return
+    finally:
+        _remove(temporary)   # gone already after the rename
     # Earlier versions of the same checkpoint (same place, other state) will never be read again.
     place, name = os.path.basename(path).split("-")[0], os.path.basename(path)
     for other in os.listdir(directory):
         if other.startswith(place + "-") and other.endswith(".safetensors") and other != name:
             _remove(os.path.join(directory, other))
+
+
+def sweep_stale_partials(directory: str) -> None:
+    """Remove the partial files of writers that are gone: a dead pid, or no write for STALE_PARTIAL_SECONDS."""
+    now = time.time()
+    for name in os.listdir(directory):
+        if not name.endswith(PARTIAL_SUFFIX):
+            continue
+        partial = os.path.join(directory, name)
+        try:
+            idle = now - os.stat(partial).st_mtime
+        except OSError:   # renamed or removed by its writer meanwhile
+            continue
+        if idle > STALE_PARTIAL_SECONDS or not _writer_alive(name):
+            _remove(partial)
+
+
+def _writer_alive(partial_name: str) -> bool:
+    """Whether the process named in `writer-PID-....partial` runs (on this machine); unknown names: yes."""
+    parts = partial_name.split("-")
+    if len(parts) < 3 or parts[0] != "writer" or not parts[1].isdigit():
+        return True
+    try:
+        os.kill(int(parts[1]), 0)
+    except PermissionError:   # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):   # no such process; no such pid on this platform
+        return False
+    return True
 
 
 def _remove(path: str) -> None:

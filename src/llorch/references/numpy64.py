@@ -34,7 +34,7 @@ import struct
 
 import numpy as np
 
-from . import pass_end, read_config
+from .shared import pass_end, read_config
 
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import safe_load
 
-from . import pass_end, read_config
+from .shared import pass_end, read_config
 
 DEVICE = "CPU"  # every tensor is created on, or moved to, the CPU device explicitly
 

@@ -34,9 +34,8 @@ import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from llorch.trace import forward_order
-
-from . import pass_end
+from ..trace import forward_order
+from .shared import pass_end
 
 
 def load_hf(checkpoint_dir: str) -> GPT2LMHeadModel:

@@ -1,0 +1,185 @@
+"""llorch.scheduler in process: jobs through a real model on the scheduler thread, their events into a sink.
+
+The checkpoint is tiny but has GPT-2's 1024 positions, so a job can run long enough to be cancelled. What the
+sinks receive are the scheduler's domain events; how they go over the wire is test_server.py's business.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import pytest
+
+import llorch
+from llorch.config import GPT2Config
+from llorch.generate import Session, StopReason, run
+from llorch.sampling import Sampler
+from llorch.scheduler import FailureCode, Job, JobEnded, JobFailed, JobStarted, Rejected, Scheduler, TokenReleased
+from llorch.testing import make_checkpoint
+
+LONG_TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=1024)
+TIMEOUT_S = 60
+enc = llorch.tokenizer()
+order = itertools.count()   # one clock for every sink's events: which came first across jobs
+
+
+class Sink:
+    """One job's events, in order, each with its place on the shared clock. A gated sink holds the scheduler
+    thread in the job's first event until the gate opens."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.events: list[tuple[int, object]] = []
+        self.done = threading.Event()
+        self.gate = gate
+
+    def __call__(self, event) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT_S)
+        self.events.append((next(order), event))
+        if isinstance(event, (JobEnded, JobFailed)):
+            self.done.set()
+
+    def wait(self):
+        """The terminal event, once it has come."""
+        assert self.done.wait(TIMEOUT_S)
+        return self.events[-1][1]
+
+    def of(self, kind) -> list:
+        return [event for _, event in self.events if isinstance(event, kind)]
+
+    def first(self, kind) -> int:
+        return next(at for at, event in self.events if isinstance(event, kind))
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("long-tiny"), LONG_TINY)
+
+
+@pytest.fixture(scope="module")
+def alone(path):
+    """alone(prompt, max_tokens, **sampler options) -> [(token, text)] of the job run alone, by llorch.generate."""
+    model = llorch.load(path)
+
+    def steps(prompt: str, max_tokens: int, stop=(), **options) -> list[tuple[int, str]]:
+        session = Session(model, enc.encode(prompt), max_tokens, Sampler(**options), stop=stop)
+        return [(step.token, step.text) for step in run(model, session)]
+    return steps
+
+
+@pytest.fixture
+def make_scheduler(path):
+    """make_scheduler(max_batch, max_queue) -> a started Scheduler with its model loaded; stopped after the test."""
+    started = []
+
+    def make(max_batch: int = 8, max_queue: int = 8) -> Scheduler:
+        scheduler = Scheduler(lambda: llorch.load(path), max_batch=max_batch, max_queue=max_queue, threads=1)
+        scheduler.start()
+        scheduler.loaded.result(TIMEOUT_S)
+        started.append(scheduler)
+        return scheduler
+    yield make
+    for scheduler in started:
+        scheduler.stop(TIMEOUT_S)
+
+
+def wait_until(condition) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def job(job_id: str, prompt: str, max_tokens: int, sink: Sink, stop=(), **options) -> Job:
+    return Job(job_id, enc.encode(prompt), max_tokens, Sampler(**options), sink, stop=stop)
+
+
+def released(sink: Sink) -> list[tuple[int, str]]:
+    return [(event.token, event.text) for event in sink.of(TokenReleased)]
+
+
+def test_a_job_is_started_streams_its_tokens_and_ends(make_scheduler, alone):
+    scheduler, sink = make_scheduler(), Sink()
+    scheduler.submit(job("one", "Hello, I'm a language model,", 12, sink))
+    end = sink.wait()
+    assert [type(event) for _, event in sink.events] == [JobStarted] + [TokenReleased] * 12 + [JobEnded]
+    assert sink.of(JobStarted)[0].job_id == "one"
+    assert [event.index for event in sink.of(TokenReleased)] == list(range(12))
+    assert released(sink) == alone("Hello, I'm a language model,", 12)
+    assert (end.stop_reason, end.tokens_out, end.stop_sequence) == (StopReason.MAX_TOKENS, 12, None)
+    assert end.generation_s > 0 and end.memory_bytes >= scheduler.loaded.result().weight_bytes
+    assert scheduler.counts() == (0, 0)
+
+
+def test_jobs_decoded_together_get_the_tokens_they_get_alone(make_scheduler, alone):
+    scheduler, gate = make_scheduler(max_batch=4), threading.Event()
+    requests = [("one", "The quick brown fox", 40, (), {}),
+                ("two", "Once upon a time", 25, (), dict(temperature=1.0, seed=3, top_k=40)),
+                ("three", "Tell me a story" + " more" * 9, 33, (), dict(repetition_penalty=1.5)),
+                ("four", "In 1905, Einstein", 30, (), dict(temperature=0.8, min_p=0.1, seed=9))]
+    sinks = [Sink(gate if i == 0 else None) for i in range(len(requests))]
+    for (job_id, prompt, n, stop, options), sink in zip(requests, sinks):
+        scheduler.submit(job(job_id, prompt, n, sink, stop, **options))   # the first holds the thread: all queue
+    gate.set()
+    for (job_id, prompt, n, stop, options), sink in zip(requests, sinks):
+        assert isinstance(sink.wait(), JobEnded), job_id
+        assert released(sink) == alone(prompt, n, stop, **options), job_id
+    # they did run together: every job had started before the first one ended
+    assert max(sink.first(JobStarted) for sink in sinks) < min(sink.first(JobEnded) for sink in sinks)
+
+
+def test_a_stop_string_ends_the_job_before_it(make_scheduler, alone):
+    full = "".join(text for _, text in alone("Tell me a story", 40))
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    scheduler, sink = make_scheduler(), Sink()
+    scheduler.submit(job("stopped", "Tell me a story", 40, sink, stop=["never seen", stop]))
+    end = sink.wait()
+    assert (end.stop_reason, end.stop_sequence) == (StopReason.STOP_SEQUENCE, stop)
+    assert "".join(text for _, text in released(sink)) == full[:full.index(stop)]
+    assert end.tokens_out == len(sink.of(TokenReleased)) < 40
+
+
+def test_cancel_ends_a_running_or_queued_job_with_cancelled(make_scheduler):
+    scheduler, running, queued = make_scheduler(max_batch=1, max_queue=1), Sink(), Sink()
+    scheduler.submit(job("running", "The quick brown fox", 1000, running))
+    scheduler.submit(job("queued", "The quick brown fox", 4, queued))
+    wait_until(lambda: running.of(TokenReleased))
+    assert scheduler.cancel("queued", "changed my mind")
+    assert queued.wait() == JobFailed(FailureCode.CANCELLED, "changed my mind")
+    assert not queued.of(JobStarted)   # it never left the queue
+    assert scheduler.cancel("running", "cancelled by request")
+    assert running.wait() == JobFailed(FailureCode.CANCELLED, "cancelled by request")
+    assert len(running.of(TokenReleased)) < 1000
+    assert not scheduler.cancel("running", "again") and scheduler.counts() == (0, 0)
+
+
+def test_a_full_queue_and_a_duplicate_id_are_rejected(make_scheduler):
+    scheduler, gate = make_scheduler(max_batch=1, max_queue=1), threading.Event()
+    first, second = Sink(gate), Sink()
+    scheduler.submit(job("first", "Hello.", 4, first))   # admitted, its first event held at the gate
+    wait_until(lambda: scheduler.counts() == (1, 0))
+    scheduler.submit(job("second", "Hello.", 4, second))
+    for job_id, reason in (("third", "queue_full"), ("first", "duplicate"), ("second", "duplicate")):
+        with pytest.raises(Rejected) as refused:
+            scheduler.submit(job(job_id, "Hello.", 4, Sink()))
+        assert refused.value.reason == reason
+    gate.set()
+    assert isinstance(first.wait(), JobEnded) and isinstance(second.wait(), JobEnded)
+    scheduler.submit(job("first", "Hello.", 4, done := Sink()))   # a finished job's id is free again
+    assert isinstance(done.wait(), JobEnded)
+
+
+def test_draining_finishes_running_jobs_and_stop_cancels_the_rest(make_scheduler):
+    scheduler, finishing, cut_short = make_scheduler(max_batch=2), Sink(), Sink()
+    scheduler.submit(job("finishing", "Hello.", 20, finishing))
+    scheduler.submit(job("cut-short", "Hello.", 1000, cut_short))
+    scheduler.stop_accepting()
+    with pytest.raises(Rejected) as refused:
+        scheduler.submit(job("late", "Hello.", 4, Sink()))
+    assert refused.value.reason == "not_accepting"
+    assert isinstance(finishing.wait(), JobEnded)
+    scheduler.stop(TIMEOUT_S)
+    assert cut_short.wait() == JobFailed(FailureCode.CANCELLED, "the worker is shutting down")
+    assert scheduler.counts() == (0, 0)
