@@ -781,7 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args)
     config = uvicorn.Config(create_app(worker, guard_policy(args, api_key)), host=args.host, port=args.port,
                             log_config=None, log_level=args.log_level, access_log=False,
-                            http=http_guard.guarded_protocol(args.request_timeout),
+                            # asyncio's loop, whose accept errors reach quiet_floods' handler, even when uvloop
+                            # is installed (ray[serve] brings it): uvloop's never do
+                            loop="asyncio", http=http_guard.guarded_protocol(args.request_timeout),
                             # uvicorn counts the connection asking among the open ones: N + 1 serves N
                             limit_concurrency=args.max_connections + 1, timeout_keep_alive=args.keep_alive_timeout,
                             timeout_graceful_shutdown=args.grace_period + 5)   # a backstop: drain() cancels first
