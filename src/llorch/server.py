@@ -379,33 +379,39 @@ class Worker:
             await self.announce()
 
     async def announce(self) -> None:
-        """POST the ready callback in the background until it is acknowledged (a 2xx answer), each attempt
-        bounded by the callback timeout, the delays between them doubling up to CALLBACK_MAX_DELAY_S."""
-        payload = {"worker_id": self.worker_id, "model_ref": self.model_ref,
-                   "memory_bytes": self.scheduler.memory_bytes(), "uri": self.uri}
-        headers = {"Authorization": f"Bearer {self.callback_token}"} if self.callback_token else None
-        delay, attempt = CALLBACK_FIRST_DELAY_S, 1
-        async with httpx.AsyncClient(timeout=self.callback_timeout_s) as client:
-            while True:
-                try:
-                    response = await client.post(self.callback_url, json=payload, headers=headers)
-                    response.raise_for_status()
-                    self.callback_delivered = True
-                    log.info("announced to %s", self.callback_url)
-                    return
-                except httpx.HTTPError as e:
-                    log.warning("callback to %s failed (attempt %d, next in %g s): %s", self.callback_url, attempt,
-                                delay, self.callback_failure(e))
-                await asyncio.sleep(delay)
-                delay, attempt = min(2 * delay, CALLBACK_MAX_DELAY_S), attempt + 1
+        """POST the ready callback until it is acknowledged (announce)."""
+        await announce(self.callback_url, {"worker_id": self.worker_id, "model_ref": self.model_ref,
+                                           "memory_bytes": self.scheduler.memory_bytes(), "uri": self.uri},
+                       self.callback_token, self.callback_timeout_s)
+        self.callback_delivered = True
 
-    def callback_failure(self, error: httpx.HTTPError) -> str:
-        """Why a callback attempt failed, never blank (httpx's timeouts carry no message)."""
-        if isinstance(error, httpx.TimeoutException):
-            return f"timed out after {self.callback_timeout_s:g} s"
-        if isinstance(error, httpx.HTTPStatusError):
-            return f"answered {error.response.status_code}"
-        return str(error) or type(error).__name__
+
+async def announce(callback_url: str, payload: dict, token: str | None, timeout_s: float) -> None:
+    """POST a ready callback until it is acknowledged (a 2xx answer), each attempt bounded by timeout_s, the
+    delays between them doubling up to CALLBACK_MAX_DELAY_S. llorch.ray's application announces with it too."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    delay, attempt = CALLBACK_FIRST_DELAY_S, 1
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        while True:
+            try:
+                response = await client.post(callback_url, json=payload, headers=headers)
+                response.raise_for_status()
+                log.info("announced to %s", callback_url)
+                return
+            except httpx.HTTPError as e:
+                log.warning("callback to %s failed (attempt %d, next in %g s): %s", callback_url, attempt, delay,
+                            callback_failure(e, timeout_s))
+            await asyncio.sleep(delay)
+            delay, attempt = min(2 * delay, CALLBACK_MAX_DELAY_S), attempt + 1
+
+
+def callback_failure(error: httpx.HTTPError, timeout_s: float) -> str:
+    """Why a callback attempt failed, never blank (httpx's timeouts carry no message)."""
+    if isinstance(error, httpx.TimeoutException):
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"answered {error.response.status_code}"
+    return str(error) or type(error).__name__
 
 
 # ---- routes ----
@@ -910,23 +916,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model-name", help="the model's name in /health, /v1/models and every response "
                         "(default: the checkpoint's directory name, or the hub id)")
     parser.add_argument("--worker-id", default=None, help="default: a random UUID")
-    parser.add_argument("--callback-url", help="POSTed {worker_id, model_ref, memory_bytes, uri} once loaded, "
-                        "retried until acknowledged")
-    parser.add_argument("--callback-token", default=os.environ.get("LLORCH_CALLBACK_TOKEN"),
-                        help="sent as Authorization: Bearer TOKEN with the callback (default: LLORCH_CALLBACK_TOKEN)")
-    parser.add_argument("--callback-timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="time limit of each callback attempt (default: 5)")
-    security = parser.add_argument_group("security (docs/specs/14-worker-daemon.md, Security)")
-    security.add_argument("--api-key-file", metavar="PATH", help="file holding the API key every route but "
-                          "GET /health requires as Authorization: Bearer KEY (or set LLORCH_API_KEY)")
-    security.add_argument("--api-key", help="the API key itself; visible to every local user in ps: prefer "
-                          "--api-key-file or LLORCH_API_KEY")
-    security.add_argument("--insecure-no-auth", action="store_true",
-                          help="allow a non-loopback --host without an API key")
-    security.add_argument("--allowed-hosts", metavar="HOST,...", help="Host header names accepted, others get 400 "
-                          "(default: the --host address and localhost names; * accepts any)")
-    security.add_argument("--cors-origins", metavar="ORIGIN,...", default="",
-                          help="origins browsers may call from (default: none, no CORS headers)")
+    add_callback_arguments(parser, when="once loaded")
+    security = add_guard_arguments(parser)
     security.add_argument("--max-connections", type=int, default=256,
                           help="open connections served; a request beyond gets 503, except GET /health (default: 256)")
     security.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -949,6 +940,49 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one object per line, with the job id where there is one (default: text)")
     return parser
+
+
+def add_callback_arguments(parser: ArgumentParser, when: str) -> None:
+    """The ready callback's options (announce's arguments; llorch-serve's too)."""
+    parser.add_argument("--callback-url", help=f"POSTed {{worker_id, model_ref, memory_bytes, uri}} {when}, "
+                        "retried until acknowledged")
+    parser.add_argument("--callback-token", default=os.environ.get("LLORCH_CALLBACK_TOKEN"),
+                        help="sent as Authorization: Bearer TOKEN with the callback (default: LLORCH_CALLBACK_TOKEN)")
+    parser.add_argument("--callback-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="time limit of each callback attempt (default: 5)")
+
+
+def add_guard_arguments(parser: ArgumentParser):
+    """The options of the HTTP guard's Policy (llorch-serve's too): the API key, Host and CORS checks. Returns
+    their argument group."""
+    security = parser.add_argument_group("security (docs/specs/14-worker-daemon.md, Security)")
+    security.add_argument("--api-key-file", metavar="PATH", help="file holding the API key every route but "
+                          "GET /health requires as Authorization: Bearer KEY (or set LLORCH_API_KEY)")
+    security.add_argument("--api-key", help="the API key itself; visible to every local user in ps: prefer "
+                          "--api-key-file or LLORCH_API_KEY")
+    security.add_argument("--insecure-no-auth", action="store_true",
+                          help="allow a non-loopback --host without an API key")
+    security.add_argument("--allowed-hosts", metavar="HOST,...", help="Host header names accepted, others get 400 "
+                          "(default: the --host address and localhost names; * accepts any)")
+    security.add_argument("--cors-origins", metavar="ORIGIN,...", default="",
+                          help="origins browsers may call from (default: none, no CORS headers)")
+    return security
+
+
+def guard_policy(args: argparse.Namespace, api_key: str | None) -> http_guard.Policy:
+    """The HTTP guard's Policy from add_guard_arguments' options and the key read_exposure_key gave."""
+    allowed_hosts = split_list(args.allowed_hosts) or {args.host.lower(), *LOOPBACK_NAMES}
+    return http_guard.Policy(api_key=api_key, cors_origins=split_list(args.cors_origins),
+                             allowed_hosts=None if "*" in allowed_hosts else frozenset(allowed_hosts))
+
+
+def read_exposure_key(args: argparse.Namespace, parser: ArgumentParser) -> str | None:
+    """The API key (read_api_key); a --host reachable from other machines needs one, or --insecure-no-auth."""
+    api_key = read_api_key(args, parser)
+    if not is_loopback(args.host) and api_key is None and not args.insecure_no_auth:
+        parser.error(f"--host {args.host} is reachable from other machines: set an API key (--api-key-file or "
+                     "LLORCH_API_KEY) or pass --insecure-no-auth")
+    return api_key
 
 
 def read_api_key(args: argparse.Namespace, parser: ArgumentParser) -> str | None:
@@ -1031,10 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("--callback-timeout", args.callback_timeout)):
         if not value > 0:
             parser.error(f"{name} must be > 0, got {value}")
-    api_key = read_api_key(args, parser)
-    if not is_loopback(args.host) and api_key is None and not args.insecure_no_auth:
-        parser.error(f"--host {args.host} is reachable from other machines: set an API key (--api-key-file or "
-                     "LLORCH_API_KEY) or pass --insecure-no-auth")
+    api_key = read_exposure_key(args, parser)
     args.worker_id = args.worker_id or str(uuid.uuid4())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else
@@ -1045,13 +1076,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads and (too_many := threads_beyond_cpus(args.threads)) is not None:
         log.warning("--threads %d %s", args.threads, too_many)
 
-    allowed_hosts = split_list(args.allowed_hosts) or {args.host.lower(), *LOOPBACK_NAMES}
-    policy = http_guard.Policy(api_key=api_key, cors_origins=split_list(args.cors_origins),
-                               allowed_hosts=None if "*" in allowed_hosts else frozenset(allowed_hosts))
     worker = Worker(args)
-    config = uvicorn.Config(create_app(worker, policy), host=args.host, port=args.port, log_config=None,
-                            log_level=args.log_level, access_log=False,
-                            http=http_guard.guarded_protocol(args.request_timeout),
+    config = uvicorn.Config(create_app(worker, guard_policy(args, api_key)), host=args.host, port=args.port,
+                            log_config=None, log_level=args.log_level, access_log=False,
+                            # asyncio's loop, whose accept errors reach quiet_floods' handler, even when uvloop
+                            # is installed (ray[serve] brings it): uvloop's never do
+                            loop="asyncio", http=http_guard.guarded_protocol(args.request_timeout),
                             # uvicorn counts the connection asking among the open ones: N + 1 serves N
                             limit_concurrency=args.max_connections + 1, timeout_keep_alive=args.keep_alive_timeout,
                             timeout_graceful_shutdown=args.grace_period + 5)   # a backstop: drain() cancels first

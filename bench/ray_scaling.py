@@ -1,0 +1,72 @@
+"""llorch on Ray Serve: aggregate tok/s of 1 against 2 replicas (1 kernel thread each), N concurrent streams.
+
+    python bench/ray_scaling.py [--model DIR] [--jobs 8] [--tokens 64] [--repeats 3] [--rounds 2]
+
+Starts a local Ray with 2 CPUs and Serve on a free 127.0.0.1 port, then per round deploys the application
+(llorch.ray) with 1 replica and measures, then with 2 and measures; each replica has 1 thread and 1 CPU.
+A measurement is bench/batching.py's: --jobs concurrent greedy /execute streams, their tokens over the wall
+time from the first request to the last `end`. Issue 18's target: 2 replicas >= 1.7x one.
+
+Without --model it uses bench/batching.py's seeded random checkpoint at GPT-2 124M's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import ray
+from ray import serve
+
+import llorch.ray as llorch_ray
+from batching import DEFAULT_MODEL_DIR, aggregate_rate, free_port
+
+
+def measure(url: str, replicas: int, args: argparse.Namespace, round_no: int) -> list[float]:
+    options = llorch_ray.Options.from_args({"model": args.model, "replicas": replicas, "threads": 1, "num_cpus": 1,
+                                            "max_batch": args.jobs, "max_queue": args.jobs})
+    serve.run(llorch_ray.build_app(options), name=llorch_ray.APP_NAME, route_prefix="/")
+    aggregate_rate(url, args.jobs, 4, f"warm-up-{round_no}-{replicas}", [])   # every replica's first job
+    rates = [aggregate_rate(url, args.jobs, args.tokens, f"r{round_no}-{replicas}-{i}", []) for i in range(args.repeats)]
+    print(f"round {round_no + 1}, {replicas} replica(s): " + ", ".join(f"{r:.2f}" for r in rates) + " tok/s",
+          flush=True)
+    return rates
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL_DIR, help="checkpoint (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=8, help="concurrent streams (default: 8)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per stream (default: 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per deployment (default: 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="1-then-2-replica deployments (default: 2)")
+    args = parser.parse_args()
+    if not os.path.exists(os.path.join(args.model, "model.safetensors")):
+        from llorch.testing import make_checkpoint
+        print(f"making a random 124M-shape checkpoint in {args.model} ...", file=sys.stderr)
+        make_checkpoint(args.model, "gpt2", seed=0)
+
+    load_before = os.getloadavg()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        rates: dict[int, list[float]] = {1: [], 2: []}
+        for round_no in range(args.rounds):
+            for replicas in (1, 2):
+                rates[replicas] += measure(f"http://127.0.0.1:{port}", replicas, args, round_no)
+    finally:
+        ray.shutdown()
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    load = lambda averages: " ".join(f"{x:.2f}" for x in averages)
+    print(f"\nmodel {args.model}, {args.jobs} streams of {args.tokens} tokens, {os.cpu_count()} cores, "
+          f"load average before {load(load_before)}, after {load(os.getloadavg())}")
+    print(f"median of {len(rates[1])}: 1 replica {one:.2f} tok/s, 2 replicas {two:.2f} tok/s aggregate; "
+          f"ratio {two / one:.2f} (target >= 1.7)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
