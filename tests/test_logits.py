@@ -6,8 +6,8 @@ import pytest
 
 import llorch
 from llorch.generate import Session
-from llorch.logits import LogitsProcessor, log_softmax, score
-from llorch.sampling import Sampler, penalize_repetitions
+from llorch.logits import LogitsProcessor, log_softmax, penalize_repetitions, score
+from llorch.sampling import Sampler
 
 V = 50257
 

@@ -7,7 +7,8 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
 
 import llorch
-from llorch.sampling import Sampler, penalize_repetitions
+from llorch.logits import LogitsProcessor, penalize_repetitions
+from llorch.sampling import Sampler
 
 V = 1000
 
@@ -89,9 +90,9 @@ def test_repetition_penalty_steers_greedy_away_from_repeats_and_leaves_logits_al
     top, second = np.argsort(-row)[:2]
     row[top] = abs(row[top]) + 5          # a clear winner, positive so the penalty divides it
     original = row.copy()
-    assert Sampler(0.0, repetition_penalty=1.0)(row, [top]) == top
-    assert Sampler(0.0, repetition_penalty=100.0)(row, [top]) != top
-    assert Sampler(0.0, repetition_penalty=100.0)(row, []) == top
+    assert Sampler(0.0)(LogitsProcessor(repetition_penalty=1.0)(row, [top], [])) == top
+    assert Sampler(0.0)(LogitsProcessor(repetition_penalty=100.0)(row, [top], [])) != top
+    assert Sampler(0.0)(LogitsProcessor(repetition_penalty=100.0)(row, [], [])) == top
     assert np.array_equal(row, original)  # spec 10, requirement 4
 
 
@@ -106,17 +107,22 @@ def test_min_p_keeps_exactly_the_tokens_near_the_most_likely():
 def test_defaults_leave_seeded_sampling_unchanged():
     row = random_row(2)
     plain = Sampler(0.9, top_k=40, top_p=0.9, seed=5)
-    defaults = Sampler(0.9, top_k=40, top_p=0.9, seed=5, min_p=0.0, repetition_penalty=1.0)
-    assert [plain(row) for _ in range(32)] == [defaults(row, previous_ids=[1, 2, 3]) for _ in range(32)]
+    defaults = Sampler(0.9, top_k=40, top_p=0.9, seed=5, min_p=0.0)
+    unpenalized = LogitsProcessor(repetition_penalty=1.0)(row, [1, 2, 3], [])
+    assert [plain(row) for _ in range(32)] == [defaults(unpenalized) for _ in range(32)]
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-1),
-                                    dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=1.5),
-                                    dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
-                                    dict(repetition_penalty=float("nan"))])
+                                    dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=1.5)])
 def test_bad_options_are_refused(kwargs):
     with pytest.raises(ValueError):
         Sampler(**{"temperature": 1.0, **kwargs})
+
+
+@pytest.mark.parametrize("penalty", [0.0, -1.0, float("nan")])
+def test_bad_repetition_penalties_are_refused(penalty):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        LogitsProcessor(repetition_penalty=penalty)
 
 
 def test_sampling_is_seeded_and_respects_top_k_and_top_p(checkpoint):

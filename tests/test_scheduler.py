@@ -15,6 +15,7 @@ import pytest
 import llorch
 from llorch.config import GPT2Config
 from llorch.generate import Session, StopReason, run
+from llorch.logits import LogitsProcessor
 from llorch.sampling import Sampler
 from llorch.prefix_cache import BLOCK_TOKENS
 from llorch.scheduler import FailureCode, Job, JobEnded, JobFailed, JobStarted, Rejected, Scheduler, TokenReleased
@@ -61,7 +62,8 @@ def alone(path):
     model = llorch.load(path)
 
     def steps(prompt: str, max_tokens: int, stop=(), **options) -> list[tuple[int, str]]:
-        session = Session(model, enc.encode(prompt), max_tokens, Sampler(**options), stop=stop)
+        sampler, processor = sampling(options)
+        session = Session(model, enc.encode(prompt), max_tokens, sampler, stop=stop, processor=processor)
         return [(step.token, step.text) for step in run(model, session)]
     return steps
 
@@ -90,8 +92,16 @@ def wait_until(condition) -> None:
         time.sleep(0.001)
 
 
+def sampling(options: dict) -> tuple[Sampler, LogitsProcessor | None]:
+    """A job's Sampler and LogitsProcessor from its options (repetition_penalty is the processor's)."""
+    options = dict(options)
+    penalty = options.pop("repetition_penalty", None)
+    return Sampler(**options), None if penalty is None else LogitsProcessor(repetition_penalty=penalty)
+
+
 def job(job_id: str, prompt: str, max_tokens: int, sink: Sink, stop=(), **options) -> Job:
-    return Job(job_id, enc.encode(prompt), max_tokens, Sampler(**options), sink, stop=stop)
+    sampler, processor = sampling(options)
+    return Job(job_id, enc.encode(prompt), max_tokens, sampler, sink, stop=stop, processor=processor)
 
 
 def released(sink: Sink) -> list[tuple[int, str]]:

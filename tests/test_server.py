@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import llorch
+from llorch.logits import LogitsProcessor
 from llorch.sampling import Sampler
 from llorch.config import GPT2Config
 from llorch.testing import make_checkpoint
@@ -178,10 +179,10 @@ def start_in_background(pool: concurrent.futures.Executor, url: str, body: dict,
 def greedy_text(model, prompt: str, max_tokens: int, repetition_penalty: float = 1.0) -> str:
     """The text a greedy job should produce, computed in-process, stopping after <|endoftext|>."""
     ids = enc.encode(prompt)
-    sampler, cache, out = Sampler(0.0, repetition_penalty=repetition_penalty), model.new_cache(), []
+    penalty, cache, out = LogitsProcessor(repetition_penalty=repetition_penalty), model.new_cache(), []
     logits = model.forward(ids, cache, logits="last")
     while True:
-        token = sampler(logits[0], ids + out)
+        token = Sampler(0.0)(penalty(logits[0], ids, out))
         out.append(token)
         if token == llorch.EOT_TOKEN or len(out) == max_tokens:
             return enc.decode([t for t in out if t != llorch.EOT_TOKEN])

@@ -76,7 +76,6 @@ class Session:
         self.max_new_tokens, self.sampler, self.eos_token_id = max_new_tokens, sampler, eos_token_id
         self.cache = model.new_cache()
         self.tokens: list[int] = []
-        self._seen = list(prompt_ids)   # prompt and output: what the repetition penalty reads
         self.stop_reason: StopReason | None = None
         self.first_token_at = self.last_token_at = 0.0   # perf_counter() when they were sampled
         self._decoder = StreamDecoder(tokenizer())
@@ -110,13 +109,12 @@ class Session:
                                  "overflowed")
         if self.processor is not None:
             logits = self.processor(logits, self.prompt_ids, self.tokens)
-        token = self.sampler(logits, self._seen)
+        token = self.sampler(logits)
         logprob, top = score(logits, token, self.logprobs) if self.logprobs is not None else (None, ())
         self.last_token_at = time.perf_counter()
         if not self.tokens:
             self.first_token_at = self.last_token_at
         self.tokens.append(token)
-        self._seen.append(token)
         if token == self.eos_token_id:
             text, self.stop_reason = "", StopReason.EOS
         else:

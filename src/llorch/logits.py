@@ -8,7 +8,7 @@ The rules, in order:
 - logit_bias: a constant added to chosen token ids' logits (OpenAI: -100 bans a token, 100 forces it).
 - presence and frequency penalties, over generated tokens only (OpenAI's definition):
   logit[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t].
-- repetition_penalty, over prompt and output (CTRL's rule, sampling.penalize_repetitions).
+- repetition_penalty, over prompt and output (CTRL's rule, penalize_repetitions).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .sampling import penalize_repetitions
 
 
 class LogitsProcessor:
@@ -64,3 +63,13 @@ def score(logits: np.ndarray, token: int, top_n: int) -> tuple[float, TopLogprob
     best = np.argpartition(-logp, top_n)[:top_n] if 0 < top_n < logp.size else np.arange(min(top_n, logp.size))
     best = sorted(best.tolist(), key=lambda t: (-logp[t], t))
     return float(logp[token]), tuple((t, float(logp[t])) for t in best)
+
+
+def penalize_repetitions(logits: np.ndarray, previous_ids: Sequence[int], penalty: float) -> np.ndarray:
+    """A copy of logits [V] in which each distinct previous id's logit is divided by penalty if positive and
+    multiplied by it otherwise (CTRL's rule, as HF's RepetitionPenaltyLogitsProcessor applies it)."""
+    penalized = logits.copy()
+    ids = np.unique(np.asarray(previous_ids, dtype=np.int64))
+    seen = penalized[ids]
+    penalized[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return penalized

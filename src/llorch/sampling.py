@@ -9,13 +9,12 @@ likely one, and one token is drawn with a seeded numpy Generator, so the same se
 Nothing sorts the whole vocabulary: top-k is a partial selection, and top-p and the draw walk the tokens
 most likely first through a sorted prefix that grows only while the mass they need is not reached.
 
-A repetition penalty (the daemon's option, spec 10 step 1) first makes every token already in the sequence
-less likely, greedy or sampled: its logit is divided by the penalty when positive, multiplied when negative.
+Penalties and biases that change the logits before this (the daemon's repetition penalty, OpenAI's options)
+are llorch.logits's.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 
@@ -24,7 +23,7 @@ from . import _kernels as K
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, *, min_p: float | None = None, repetition_penalty: float = 1.0) -> None:
+                 seed: int | None = None, *, min_p: float | None = None) -> None:
         if not np.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if top_k is not None and (int(top_k) != top_k or top_k < 0):
@@ -33,17 +32,12 @@ class Sampler:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if min_p is not None and not 0 <= min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-        if not (np.isfinite(repetition_penalty) and repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
         self.temperature, self.top_k, self.top_p = temperature, top_k or None, top_p
-        self.min_p, self.repetition_penalty = min_p or None, repetition_penalty
+        self.min_p = min_p or None
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, logits: np.ndarray, previous_ids: Sequence[int] = ()) -> int:
-        """The next token id from logits [V] (float32); previous_ids (prompt and output so far) are only
-        read by the repetition penalty."""
-        if self.repetition_penalty != 1 and len(previous_ids):
-            logits = penalize_repetitions(logits, previous_ids, self.repetition_penalty)
+    def __call__(self, logits: np.ndarray) -> int:
+        """The next token id from logits [V] (float32)."""
         if self.temperature == 0:
             return K.argmax(logits)
         ids, kept = None, logits           # ids None: kept is the whole vocabulary
@@ -89,13 +83,3 @@ def most_likely_prefix(logits: np.ndarray, weights: np.ndarray, mass: float, sid
         if size >= n:
             return candidates[:np.count_nonzero(weights)]      # weights are sorted too: zeros come last
         size *= 16
-
-
-def penalize_repetitions(logits: np.ndarray, previous_ids: Sequence[int], penalty: float) -> np.ndarray:
-    """A copy of logits [V] in which each distinct previous id's logit is divided by penalty if positive and
-    multiplied by it otherwise (CTRL's rule, as HF's RepetitionPenaltyLogitsProcessor applies it)."""
-    penalized = logits.copy()
-    ids = np.unique(np.asarray(previous_ids, dtype=np.int64))
-    seen = penalized[ids]
-    penalized[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
-    return penalized
