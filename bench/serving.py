@@ -178,7 +178,9 @@ def start_llama_cpp(gguf: str, threads: int | None, log) -> tuple[subprocess.Pop
         return None, f"llama_cpp.server cannot be imported ({e}); bench/setup.sh installs llama-cpp-python"
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
-               str(port), "--n_ctx", "1024", "--cache", "true"]
+               str(port), "--n_ctx", "1024", "--cache", "true",
+               # its default drops the running stream whenever another request arrives
+               "--interrupt_requests", "false"]
     if threads:
         command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
