@@ -54,9 +54,12 @@ def run_job(url: str, job_id: str, prompt: str, tokens: int) -> int:
     raise RuntimeError(f"job {job_id}: the stream ended without an end event")
 
 
-def aggregate_rate(url: str, jobs: int, tokens: int, tag: str, health_latencies: list[float]) -> float:
-    """Tokens per second of `jobs` concurrent jobs, from the first request to the last end event. Meanwhile
-    /health is polled, and how long each answer took is appended to health_latencies."""
+def aggregate_rate(url: str | list[str], jobs: int, tokens: int, tag: str, health_latencies: list[float]) -> float:
+    """Tokens per second of `jobs` concurrent jobs, from the first request to the last end event; given several
+    URLs, the jobs go round-robin over them. Meanwhile /health is polled (on the first URL), and how long each
+    answer took is appended to health_latencies."""
+    urls = [url] if isinstance(url, str) else url
+    url = urls[0]
     prompts = [f"Benchmark job {i} of {jobs}: the weather today is" for i in range(jobs)]
     done = threading.Event()
 
@@ -71,7 +74,8 @@ def aggregate_rate(url: str, jobs: int, tokens: int, tag: str, health_latencies:
     with concurrent.futures.ThreadPoolExecutor(jobs + 1) as pool:
         pool.submit(poll_health)
         try:
-            produced = list(pool.map(lambda i: run_job(url, f"{tag}-{i}", prompts[i], tokens), range(jobs)))
+            produced = list(pool.map(lambda i: run_job(urls[i % len(urls)], f"{tag}-{i}", prompts[i], tokens),
+                                     range(jobs)))
         finally:
             done.set()
     return sum(produced) / (time.perf_counter() - started)
