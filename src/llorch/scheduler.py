@@ -26,10 +26,10 @@ import queue
 import threading
 import time
 from collections import deque
-from functools import partial
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from functools import partial
 from typing import Callable, Sequence, Union
 
 import numpy as np
@@ -176,9 +176,9 @@ class Job:
 
 class Scheduler:
     """Owns the model on its own thread and runs every job through it, max_batch at a time, with at most
-    step_tokens prompt rows per step and a prefix cache of cache_bytes. With draft="lookup" (or None), greedy
-    jobs decode speculatively while few jobs decode (DRAFT_MAX_JOBS); `drafted_tokens` and
-    `accepted_tokens` count the drafts run and those taken.
+    step_tokens prompt rows per step and a prefix cache of cache_bytes. With draft="lookup" (the default;
+    None turns it off) greedy jobs decode speculatively while at most DRAFT_MAX_JOBS jobs decode;
+    `drafted_tokens` and `accepted_tokens` count the drafts run and those taken.
 
     `loaded` is a Future of the model: it completes once the thread has loaded it (or failed to);
     `build_info` is then llorch.build_info() as the scheduler thread sees it (its threads, SIMD path).

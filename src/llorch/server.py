@@ -280,7 +280,8 @@ class Worker:
         self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), max_batch=args.max_batch,
                                    max_queue=args.max_queue, threads=args.threads, step_tokens=args.step_tokens,
                                    cache_bytes=args.cache_bytes, draft=None if args.draft == "none" else args.draft)
-        self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes)
+        self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes,
+                               lambda: (self.scheduler.drafted_tokens, self.scheduler.accepted_tokens))
         self.encoding = llorch.tokenizer()
         self.draining = False
         self.exit_code = 0
