@@ -19,7 +19,6 @@ Issue 17's targets: >= 1.8x on copy-heavy prompts, >= 0.95x on the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from batching import start_daemon
+from serving import stream_job
 
 import llorch
 from llorch.generate import Session, run
@@ -110,20 +110,9 @@ def library_rates(args, prompts: dict[str, list[int]]) -> dict[str, tuple]:
 
 def streamed(url: str, job_id: str, prompt_ids: list[int], tokens: int) -> tuple[list[str], float]:
     """(token texts, decode tok/s as the client sees it) of one greedy /execute stream."""
-    body = {"job_id": job_id, "prompt": llorch.tokenizer().decode(prompt_ids), "max_tokens": tokens,
-            "temperature": 0}
-    texts, arrivals, event = [], [], None
-    with httpx.Client(timeout=600.0) as client, client.stream("POST", url + "/execute", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line[len("event: "):]
-            elif line.startswith("data: ") and event == "token":
-                arrivals.append(time.perf_counter())
-                texts.append(json.loads(line[len("data: "):])["t"])
-            elif line.startswith("data: ") and event == "error":
-                raise SystemExit(f"job {job_id} failed: {line}")
-    return texts, (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    result = stream_job(url, job_id, llorch.tokenizer().decode(prompt_ids), tokens)
+    arrivals = result["arrivals"]
+    return result["texts"], (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
 
 def draft_counts(url: str) -> tuple[float, float]:
