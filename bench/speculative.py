@@ -1,6 +1,6 @@
 """Exact speculative decoding (draft="lookup") against plain greedy: decode tok/s and acceptance rate.
 
-    python bench/speculative.py --model DIR [--tokens 64] [--repeats 3] [--threads N] [--daemon]
+    python bench/speculative.py --model DIR [--tokens 64] [--repeats 3] [--threads N] [--daemon [--streams N]]
 
 For each prompt, plain greedy and lookup drafting run alternately (alternating spreads the drift of a shared
 machine over both), `--repeats` times; a run's decode rate is (tokens - 1) over the time from the first
@@ -8,9 +8,10 @@ token to the last, as llorch-run reports it. The tokens of the two runs must be 
 
 In process (the default), the acceptance rate is the drafted tokens that were taken over all drafted tokens,
 counted by wrapping the model (every pass yields one token that no draft predicted: accepted = tokens -
-passes). With --daemon, the runs are one greedy stream at a time through two llorch-cpud daemons on
-127.0.0.1, started with --draft lookup and --draft none (token arrival times as the client sees them; the
-streams' texts must be identical), and the acceptance rate comes from the drafting daemon's /metrics.
+passes). With --daemon, the runs are greedy streams through two llorch-cpud daemons on 127.0.0.1, started
+with --draft lookup and --draft none (token arrival times as the client sees them; the streams' texts must
+be identical): one at a time, or --streams concurrent ones of each prompt (the daemon drafts only while at
+most 4 jobs decode), and the acceptance rate comes from the drafting daemon's /metrics.
 
 Copy-heavy prompts edit or repeat code, or answer from a passage; the others have nothing to copy.
 Issue 17's targets: >= 1.8x on copy-heavy prompts, >= 0.95x on the rest.
@@ -19,6 +20,7 @@ Issue 17's targets: >= 1.8x on copy-heavy prompts, >= 0.95x on the rest.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import statistics
 import tempfile
 import time
@@ -108,11 +110,14 @@ def library_rates(args, prompts: dict[str, list[int]]) -> dict[str, tuple]:
     return results
 
 
-def streamed(url: str, job_id: str, prompt_ids: list[int], tokens: int) -> tuple[list[str], float]:
-    """(token texts, decode tok/s as the client sees it) of one greedy /execute stream."""
-    result = stream_job(url, job_id, llorch.tokenizer().decode(prompt_ids), tokens)
-    arrivals = result["arrivals"]
-    return result["texts"], (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+def streamed(url: str, job_id: str, prompt_ids: list[int], tokens: int, streams: int) -> tuple[list, float]:
+    """(each stream's token texts, their mean decode tok/s as the client sees it) of `streams` concurrent
+    greedy /execute streams of the prompt."""
+    prompt = llorch.tokenizer().decode(prompt_ids)
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda i: stream_job(url, f"{job_id}-{i}", prompt, tokens), range(streams)))
+    rates = [(len(r["arrivals"]) - 1) / (r["arrivals"][-1] - r["arrivals"][0]) for r in results]
+    return [r["texts"] for r in results], statistics.mean(rates)
 
 
 def draft_counts(url: str) -> tuple[float, float]:
@@ -129,7 +134,7 @@ def daemon_rates(args, prompts: dict[str, list[int]]) -> dict[str, tuple]:
     with tempfile.NamedTemporaryFile("w", prefix="llorch-speculative-", suffix=".log", delete=False) as log:
         try:
             for draft in (None, "lookup"):
-                daemons[draft] = start_daemon(args.model, 1, args.threads, log, ("--draft", draft or "none"))
+                daemons[draft] = start_daemon(args.model, args.streams, args.threads, log, ("--draft", draft or "none"))
             urls = {draft: url for draft, (_, url) in daemons.items()}
             for name, prompt_ids in prompts.items():
                 rates: dict[str | None, list[float]] = {None: [], "lookup": []}
@@ -137,7 +142,8 @@ def daemon_rates(args, prompts: dict[str, list[int]]) -> dict[str, tuple]:
                 for repeat in range(args.repeats):
                     texts = {}
                     for draft in ([None, "lookup"] if repeat % 2 == 0 else ["lookup", None]):
-                        texts[draft], rate = streamed(urls[draft], f"{name}-{repeat}", prompt_ids, args.tokens)
+                        texts[draft], rate = streamed(urls[draft], f"{name}-{repeat}", prompt_ids, args.tokens,
+                                                      args.streams)
                         rates[draft].append(rate)
                     if texts[None] != texts["lookup"]:
                         raise SystemExit(f"{name}: lookup drafting changed the text")
@@ -157,11 +163,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--daemon", action="store_true", help="through llorch-cpud over HTTP, not in process")
+    parser.add_argument("--streams", type=int, default=1, help="with --daemon: concurrent streams of each "
+                        "prompt, their mean tok/s reported (default: 1)")
     args = parser.parse_args()
     encoding = llorch.tokenizer()
     prompts = {name: encoding.encode(text) for name, text in PROMPTS.items()}
     results = (daemon_rates if args.daemon else library_rates)(args, prompts)
-    where = "llorch-cpud, one stream at a time" if args.daemon else \
+    where = f"llorch-cpud, {args.streams} concurrent stream(s), tok/s per stream" if args.daemon else \
         f"in process, threads {llorch.build_info()['max_threads']}"
     print(f"model {args.model}, {args.tokens} tokens, medians of {args.repeats}, {where}")
     print(f"{'prompt':30} {'greedy tok/s':>13} {'lookup tok/s':>13} {'ratio':>6} {'accepted':>9}")
