@@ -9,7 +9,9 @@ time from the first request to the last `end`, so prefill, scheduling and HTTP a
 batched runs /health is polled, to show the event loop answering while the model runs (spec 14: 100 ms).
 
 Without --model it uses a seeded random checkpoint at GPT-2 124M's shape, made once in
-/tmp/llorch-bench-gpt2 (the weights' values do not change the speed). Issue 8's target: ratio >= 4.
+/tmp/llorch-bench-gpt2 (the weights' values do not change the speed). Issue 8's target: ratio >= 4. The
+daemon runs with --draft none, so that the ratio measures batching alone (bench/speculative.py --daemon
+measures drafts).
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def main() -> int:
     model = args.model or default_model()
 
     with tempfile.NamedTemporaryFile("w", prefix="llorch-cpud-", suffix=".log", delete=False) as log:
-        daemon, url = start_daemon(model, args.jobs, args.threads, log)
+        # plain decoding on both sides of the ratio: a lone greedy job would otherwise draft (spec 14, 12a)
+        daemon, url = start_daemon(model, args.jobs, args.threads, log, ("--draft", "none"))
         try:
             aggregate_rate(url, 1, 4, "warm-up", [])
             single, batched, health = [], [], []

@@ -55,6 +55,8 @@ def test_metrics_move_as_requests_run(daemon):
         return after[key] - before.get(key, 0.0)
     assert moved("llorch:prompt_tokens_total") == len(enc.encode(prompt))
     assert moved("llorch:generation_tokens_total") == 20
+    # a greedy job alone drafts where its text repeats (a random model's soon does), each token its own event
+    assert moved("llorch:spec_decode_num_draft_tokens_total") >= moved("llorch:spec_decode_num_accepted_tokens_total") > 0
     assert moved("llorch:request_queue_time_seconds_count") == 1
     assert moved("llorch:time_to_first_token_seconds_count") == 1
     assert moved("llorch:inter_token_latency_seconds_count") == 19

@@ -238,3 +238,20 @@ def test_a_mixed_pass_is_bitwise_the_separate_passes(checkpoint):
     np.testing.assert_array_equal(chunked.k[:, :, :S], single.k[:, :, :S])
     with pytest.raises(ValueError, match="same cache"):
         model.forward_batch([([1], chunked), ([2], chunked)])
+
+
+def test_a_mixed_pass_gives_every_row_of_the_segments_asked_for(checkpoint):
+    """forward_batch(all_logits=...): a drafting sequence's verify rows beside another's decode row and a
+    prompt chunk are bitwise the one-token passes and the chunk's last row alone."""
+    model = llorch.load(checkpoint("odd"))
+    prompt, drafts, other = enc.encode(PROMPTS[0]), enc.encode(" the same words again"), enc.encode(PROMPTS[1])
+    verifying, decoding, alone, other_alone = (model.new_cache() for _ in range(4))
+    for cache, ids in ((verifying, prompt), (alone, prompt), (decoding, other), (other_alone, other)):
+        model.forward(ids, cache, logits="last")
+    one_by_one = np.concatenate([model.decode_batch([token], [alone]) for token in drafts])
+    decode_row = model.decode_batch([7], [other_alone])
+    chunk_last = model.forward(prompt[:9], model.new_cache(), logits="last")
+    rows = model.forward_batch([(drafts, verifying), ([7], decoding), (prompt[:9], model.new_cache())],
+                               all_logits={0, 1})
+    np.testing.assert_array_equal(rows, np.concatenate([one_by_one, decode_row, chunk_last]))
+    assert verifying.length == len(prompt) + len(drafts)

@@ -20,6 +20,7 @@ from llorch.sampling import Sampler
 from llorch.prefix_cache import BLOCK_TOKENS
 from llorch.scheduler import FailureCode, Job, JobEnded, JobFailed, JobStarted, Rejected, Scheduler, TokenReleased
 from llorch.testing import make_checkpoint
+from llorch.tokenizer import EOT_TOKEN
 
 LONG_TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=1024)
 TIMEOUT_S = 60
@@ -70,12 +71,12 @@ def alone(path):
 
 @pytest.fixture
 def make_scheduler(path):
-    """make_scheduler(max_batch, max_queue, **options) -> a started Scheduler with its model loaded; stopped after the test."""
+    """make_scheduler(max_batch, max_queue, load=..., **options) -> a started Scheduler with its model (by default
+    the long tiny one) loaded; stopped after the test."""
     started = []
 
-    def make(max_batch: int = 8, max_queue: int = 8, **options) -> Scheduler:
-        scheduler = Scheduler(lambda: llorch.load(path), max_batch=max_batch, max_queue=max_queue, threads=1,
-                              **options)
+    def make(max_batch: int = 8, max_queue: int = 8, load=lambda: llorch.load(path), **options) -> Scheduler:
+        scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, threads=1, **options)
         scheduler.start()
         scheduler.loaded.result(TIMEOUT_S)
         started.append(scheduler)
@@ -99,9 +100,12 @@ def sampling(options: dict) -> tuple[Sampler, LogitsProcessor | None]:
     return Sampler(**options), None if penalty is None else LogitsProcessor(repetition_penalty=penalty)
 
 
-def job(job_id: str, prompt: str, max_tokens: int, sink: Sink, stop=(), **options) -> Job:
+def job(job_id: str, prompt: str | list[int], max_tokens: int, sink: Sink, stop=(), logprobs=None, **options) -> Job:
+    custom = options.pop("processor", None)
     sampler, processor = sampling(options)
-    return Job(job_id, enc.encode(prompt), max_tokens, sampler, sink, stop=stop, processor=processor)
+    prompt_ids = enc.encode(prompt) if isinstance(prompt, str) else prompt
+    processor = custom or processor
+    return Job(job_id, prompt_ids, max_tokens, sampler, sink, stop=stop, processor=processor, logprobs=logprobs)
 
 
 def released(sink: Sink) -> list[tuple[int, str]]:
@@ -245,3 +249,164 @@ def test_without_a_prefix_cache_nothing_is_reused(make_scheduler, alone):
         scheduler.submit(job(f"cold-{i}", LONG_PROMPT, 4, sink := Sink()))
         assert isinstance(sink.wait(), JobEnded) and released(sink) == alone(LONG_PROMPT, 4)
     assert scheduler.prefix_cache.hit_tokens == 0 and scheduler.prefix_cache.nbytes == 0
+
+
+# --- exact speculative decoding of greedy jobs -----------------------------------------------------------
+
+class PassRecorder:
+    """The model, recording each stacked pass's first segment as (cache length before, rows): with one job
+    running, its passes."""
+
+    def __init__(self, model) -> None:
+        self.model, self.passes = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward_batch(self, segments, **options):
+        self.passes.append((segments[0][1].length, len(segments[0][0])))
+        return self.model.forward_batch(segments, **options)
+
+    def ended_inside_a_draft(self, prompt_ids: list[int], tokens_out: int) -> bool:
+        """Whether the job's last token came from a drafted row of its last pass (not the pass's first)."""
+        length, rows = self.passes[-1]
+        taken_before = length - len(prompt_ids) + 1     # a decode pass runs the last token at position length
+        return length >= len(prompt_ids) and rows > 1 and tokens_out - 1 > taken_before
+
+
+@pytest.fixture(scope="module")
+def trained(trained_checkpoint):
+    return llorch.load(trained_checkpoint)
+
+
+def outcome(sink: Sink) -> tuple:
+    """Everything a job's client sees: each token with its text and log-probs, and how the job ended."""
+    end = sink.wait()
+    tokens = [(e.index, e.token, e.text, e.logprob, e.top_logprobs) for e in sink.of(TokenReleased)]
+    if isinstance(end, JobEnded):
+        return tokens, (end.stop_reason, end.tokens_out, end.stop_sequence)
+    return tokens, end
+
+
+CODE = "def moving_average(values, width):\n    total = sum(values[:width])\n    return total / width\n"
+COPY_HEAVY = [CODE + "\n# The same function again:\n" + CODE[:20], CODE * 2 + CODE[:30],
+              "import os\nimport sys\nimport os\nimport sys\nimport", "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n",
+              "return self\n" * 6, "if self._is_special:\nreturn self\n" * 3, "class Decimal(object):\n" * 4,
+              "a b c a b c a b c a b", "self.assertEqual(a, b)\nself.assertEqual(a, b)\nself.assert"]
+NOTHING_TO_COPY = ["import os\n", "class Decimal", "Once upon a time, in a village by the sea,",
+                   "What is the best way to learn a new language?", "The lighthouse at Cape Verran was built",
+                   "def parse(text):\n", "Hello, I'm a language model,", "# Licensed to the PSF under", "try:\n",
+                   "The quick brown fox", "1, 2, 3,"]
+
+
+def run_all(scheduler: Scheduler, requests: list[tuple], batch: int) -> list[tuple]:
+    """The outcome of each (prompt, max_tokens, options) request, submitted batch at a time."""
+    outcomes = []
+    for first in range(0, len(requests), batch):
+        sinks = [Sink() for _ in requests[first:first + batch]]
+        for i, ((prompt, max_tokens, options), sink) in enumerate(zip(requests[first:first + batch], sinks)):
+            scheduler.submit(job(f"job-{first + i}", prompt, max_tokens, sink, **options))
+        outcomes += [outcome(sink) for sink in sinks]
+    return outcomes
+
+
+def test_drafting_gives_bitwise_the_tokens_logprobs_and_ends_of_plain_decoding(make_scheduler, trained):
+    """Over 20 prompts, copy-heavy ones (drafts taken) and others (drafts refused or none), greedy with
+    log-probs, stop strings and penalties, and sampled jobs beside them: everything a client sees is the same
+    with and without drafting, and the drafts were put to the test."""
+    greedy = [dict(logprobs=3), dict(stop=["\n\n\n"]), dict(repetition_penalty=1.3), dict()]
+    requests = [(prompt, 30 + 7 * (i % 4), greedy[i % 4]) for i, prompt in enumerate(COPY_HEAVY + NOTHING_TO_COPY)]
+    requests += [(prompt, 25, dict(temperature=0.8, seed=i, logprobs=2)) for i, prompt in enumerate(COPY_HEAVY[:3])]
+    results = {}
+    for draft in ("lookup", None):
+        scheduler = make_scheduler(load=lambda: trained, draft=draft)
+        copy_heavy = run_all(scheduler, requests[:len(COPY_HEAVY)], batch=1)
+        greedy_tokens = sum(len(tokens) for tokens, _ in copy_heavy)
+        accepted_on_copy = scheduler.accepted_tokens
+        results[draft] = copy_heavy + run_all(scheduler, requests[len(COPY_HEAVY):], batch=3)
+        if draft:
+            assert accepted_on_copy > 0.2 * greedy_tokens        # drafts were taken where there was text to copy
+            assert scheduler.drafted_tokens > scheduler.accepted_tokens   # and refused elsewhere
+        else:
+            assert scheduler.drafted_tokens == scheduler.accepted_tokens == 0
+    assert len(requests) >= 20 and results["lookup"] == results[None]
+    assert all(isinstance(end, tuple) for _, end in results[None])
+
+
+def test_sampled_jobs_never_draft(make_scheduler, trained):
+    scheduler = make_scheduler(load=lambda: trained)
+    sampled = [(prompt, 20, dict(temperature=0.7, seed=i)) for i, prompt in enumerate(COPY_HEAVY[:4])]
+    assert run_all(scheduler, sampled, batch=4) == run_all(make_scheduler(load=lambda: trained, draft=None),
+                                                           sampled, batch=4)
+    assert scheduler.drafted_tokens == 0
+
+
+@pytest.mark.parametrize("rule", ["max_tokens", "stop string", "eos", "context"])
+def test_a_job_stops_inside_a_draft_as_plain_decoding_does(make_scheduler, trained, rule):
+    """Each stop rule firing at many places, some of them on a drafted row of a pass: the same outcome as
+    without drafting, and the drafts never run past max_tokens or the context."""
+    prompt = enc.encode(COPY_HEAVY[2])
+    full = Session(trained, prompt, 60, Sampler())
+    plain = [step.token for step in run(trained, full)]
+    if rule == "max_tokens":
+        requests = [(prompt, n, {}) for n in range(1, 24)]
+    elif rule == "stop string":   # stops completed by token end - 1 (the text's loops make shorter ones early)
+        requests = [(prompt, 60, dict(stop=[enc.decode(plain[1:end])])) for end in range(6, 30)]
+    elif rule == "eos":           # eos forced at output index n, whatever the row would give
+        requests = [(prompt, 60, dict(processor=EosAt(n))) for n in range(1, 24)]
+    else:                         # the last token fills the context
+        context = trained.config.n_positions
+        requests = [((prompt * 40)[:context - n], n, {}) for n in range(1, 24)]
+    recorder = PassRecorder(trained)
+    drafting, plain_scheduler = make_scheduler(load=lambda: recorder), make_scheduler(load=lambda: trained, draft=None)
+    inside_a_draft = 0
+    for prompt_ids, max_tokens, options in requests:
+        drafted = run_all(drafting, [(prompt_ids, max_tokens, options)], batch=1)
+        assert drafted == run_all(plain_scheduler, [(prompt_ids, max_tokens, options)], batch=1)
+        (tokens, end), = drafted
+        assert isinstance(end, tuple) and end[0] is {"max_tokens": StopReason.MAX_TOKENS, "context": StopReason.MAX_TOKENS,
+                                                     "stop string": StopReason.STOP_SEQUENCE, "eos": StopReason.EOS}[rule]
+        inside_a_draft += recorder.ended_inside_a_draft(list(prompt_ids), len(tokens))
+    assert inside_a_draft >= 3 and drafting.accepted_tokens > 0
+
+
+class EosAt:
+    """A logits processor that makes eos the greedy token at output index n, and only there."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, logits, prompt_ids, tokens):
+        if len(tokens) == self.n:
+            logits = logits.copy()
+            logits[EOT_TOKEN] = logits.max() + 1
+        return logits
+
+
+def test_greedy_and_sampled_jobs_together_get_their_tokens_whether_drafting_or_not(make_scheduler, trained):
+    """Up to 6 jobs at once: drafting stops while more than DRAFT_MAX_JOBS decode and resumes as they end."""
+    requests = [(prompt, 20 + 9 * i, dict(temperature=0.9, seed=i) if i % 3 == 2 else dict(logprobs=1))
+                for i, prompt in enumerate(COPY_HEAVY[:6] + NOTHING_TO_COPY[:6])]
+    drafting = make_scheduler(load=lambda: trained)
+    assert run_all(drafting, requests, batch=6) == run_all(make_scheduler(load=lambda: trained, draft=None),
+                                                           requests, batch=6)
+    assert drafting.accepted_tokens > 0
+
+
+def test_cancel_ends_a_drafting_job_between_steps(make_scheduler, alone):
+    scheduler, sink = make_scheduler(), Sink()
+    scheduler.submit(job("drafting", "a b c a b c a b c a b", 1000, sink))
+    wait_until(lambda: len(sink.of(TokenReleased)) >= 20)
+    assert scheduler.cancel("drafting", "enough")
+    assert sink.wait() == JobFailed(FailureCode.CANCELLED, "enough")
+    tokens = released(sink)
+    plain = [token for token, _ in alone("a b c a b c a b c a b", len(tokens))]
+    assert 20 <= len(tokens) < 1000 and [token for token, _ in tokens] == plain
+    assert scheduler.accepted_tokens > 0 and scheduler.counts() == (0, 0)
+    scheduler.submit(job("after", "a b c a b c a b c a b", 30, after := Sink()))   # the scheduler goes on
+    assert isinstance(after.wait(), JobEnded) and released(after) == alone("a b c a b c a b c a b", 30)
+
+
+def test_the_scheduler_refuses_an_unknown_drafter(path):
+    with pytest.raises(ValueError, match="draft must be one of lookup or None"):
+        Scheduler(lambda: llorch.load(path), max_batch=1, max_queue=1, draft="model")

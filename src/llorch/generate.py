@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -166,39 +166,71 @@ def check_draft(draft: str | None, sampler: Sampler, traced: bool = False) -> No
         raise ValueError("a traced run cannot draft: a trace follows one token a pass")
 
 
+class LookupDrafter:
+    """Exact speculative decoding of one greedy Session (spec 11, requirement 8), for whoever runs its passes:
+    `run` below, or the daemon's scheduler, which stacks the pass with other jobs' rows.
+
+    `draft()` proposes the tokens to run after the session's last one (lookup_draft, at most k of them, never
+    past max_new_tokens); the caller runs them in one pass, [last token] + drafts at the cache's length, and
+    hands all its rows to `take`, which feeds them to the session while each yields the next drafted token,
+    rewinds the cache to the positions taken and adapts k. Each row is bitwise the logits a one-token pass
+    would give (the kernels compute a row independently of the others), so the tokens are plain greedy's."""
+
+    def __init__(self, session: Session) -> None:
+        self.session, self.limit = session, DRAFT_TOKENS_FIRST
+        self.drafted: list[int] = []     # drafted[i]: the token row i must yield for row i + 1 to count
+
+    def draft(self, most: int = DRAFT_TOKENS_MAX) -> list[int]:
+        """Up to min(k, most) tokens for the next pass to verify; [] when nothing matched or most is 0."""
+        session = self.session
+        # drafts end one token before the last that may be needed: no pass beyond the request's context
+        room = session.max_new_tokens - len(session.tokens) - 1
+        limit = min(self.limit, room, most)
+        self.drafted = []
+        if limit > 0:
+            self.drafted = lookup_draft(np.array(session.prompt_ids + session.tokens, dtype=np.int32), limit)
+        return self.drafted
+
+    def take(self, rows: np.ndarray, take: Callable[[np.ndarray], Step | None]) -> Iterator[Step]:
+        """take(row) for the pass's rows [1 + len(drafted), V] in order, each Step yielded, until one stops
+        the session (or take fails: None) or yields a token other than the one drafted next."""
+        taken = 0
+        for row in rows:
+            step = take(row)
+            if step is None:
+                return
+            yield step
+            taken += 1
+            if step.stop_reason is not None:
+                return
+            if taken == len(rows) or step.token != self.drafted[taken - 1]:
+                break
+        self.session.cache.length -= len(rows) - taken     # forget the positions of the drafts after the miss
+        if self.drafted:                                   # more when every draft was right, fewer when not
+            self.limit = min(self.limit + 2, DRAFT_TOKENS_MAX) if taken == len(rows) else max(1, taken - 1)
+
+
 def run(model: GPT2, session: Session, tracer: Tracer | None = None, *, draft: str | None = None) -> Iterator[Step]:
     """Drive one session alone: the prompt pass, then one decode pass per token, each Step yielded as soon as
     it is sampled, up to the one with a stop reason. A tracer sees every pass; a NonFiniteError then names the
     first checkpoint that went non-finite.
 
-    draft="lookup" (greedy only, no tracer) is exact speculative decoding: tokens proposed by lookup_draft
-    ride along in the pass of the last sampled token, one row each, and every row is taken while the token
-    it yields is the one drafted next. Each row is bitwise the logits a one-token pass would give (the
-    kernels compute a row independently of the others), so the tokens are plain greedy's; the rejected rows'
-    cache positions are simply overwritten later (the cache's length is rewound)."""
+    draft="lookup" (greedy only, no tracer) is exact speculative decoding (LookupDrafter): tokens proposed
+    by lookup_draft ride along in the pass of the last sampled token, one row each, and every row is taken
+    while the token it yields is the one drafted next; the rejected rows' cache positions are simply
+    overwritten later (the cache's length is rewound)."""
     check_draft(draft, session.sampler, traced=tracer is not None)
-    cache, limit = session.cache, DRAFT_TOKENS_FIRST
-    rows = model.forward(session.prompt_ids, cache, logits="last", tracer=tracer)
-    drafted: list[int] = []     # drafted[i]: the token row i must yield for row i + 1 to count
+    drafter = LookupDrafter(session)
+    rows = model.forward(session.prompt_ids, session.cache, logits="last", tracer=tracer)
     while True:
-        for taken, row in enumerate(rows):
-            step = _take(session, row, tracer)
-            yield step
-            if step.stop_reason is not None:
-                return
-            if taken == len(drafted) or step.token != drafted[taken]:
-                break
-        cache.length -= len(rows) - 1 - taken       # forget the positions of the drafts after the miss
-        if drafted:                                 # more when every draft was right, fewer when not
-            limit = min(limit + 2, DRAFT_TOKENS_MAX) if taken == len(drafted) else max(1, taken)
-        # drafts end one token before the last that may be needed: no pass beyond the request's context
-        room = session.max_new_tokens - len(session.tokens) - 1
-        if draft:
-            drafted = lookup_draft(np.array(session.prompt_ids + session.tokens, dtype=np.int32), min(limit, room))
-        if drafted:
-            rows = model.forward([step.token] + drafted, cache, logits="all")
+        yield from drafter.take(rows, lambda row: _take(session, row, tracer))
+        if session.stop_reason is not None:
+            return
+        token = session.tokens[-1]
+        if drafted := drafter.draft(DRAFT_TOKENS_MAX if draft else 0):
+            rows = model.forward([token] + drafted, session.cache, logits="all")
         else:
-            rows = model.decode_batch([step.token], [cache], tracer=tracer)
+            rows = model.decode_batch([token], [session.cache], tracer=tracer)
 
 
 def _take(session: Session, row: np.ndarray, tracer: Tracer | None) -> Step:

@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from .scheduler import JobEnded, JobEvent, JobFailed, JobStarted, TokenReleased
 
@@ -20,13 +21,15 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 
 class Metrics:
-    """The registry and its metrics; `counts()` gives (running, queued) jobs and `kv_cache_bytes()` the
-    bytes held by the active jobs' KV caches, both read at scrape time."""
+    """The registry and its metrics; `counts()` gives (running, queued) jobs, `kv_cache_bytes()` the bytes
+    held by the active jobs' KV caches and `drafts()` the (drafted, accepted) tokens so far, all read at
+    scrape time."""
 
     # the classic text format, which every Prometheus parses (the names' colons are legal in it)
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
-    def __init__(self, counts: Callable[[], tuple[int, int]], kv_cache_bytes: Callable[[], int]) -> None:
+    def __init__(self, counts: Callable[[], tuple[int, int]], kv_cache_bytes: Callable[[], int],
+                 drafts: Callable[[], tuple[int, int]]) -> None:
         self.registry = registry = CollectorRegistry()
         Gauge("llorch:num_requests_running", "Jobs in the batch being decoded.",
               registry=registry).set_function(lambda: counts()[0])
@@ -34,6 +37,7 @@ class Metrics:
               registry=registry).set_function(lambda: counts()[1])
         Gauge("llorch:kv_cache_usage_bytes", "Bytes reserved by the KV caches of the jobs in the batch (full "
               "size; only the written positions are resident).", registry=registry).set_function(kv_cache_bytes)
+        registry.register(DraftCounters(drafts))
         self.prompt_tokens = Counter("llorch:prompt_tokens", "Prompt tokens prefilled.", registry=registry)
         self.generation_tokens = Counter("llorch:generation_tokens", "Tokens generated.", registry=registry)
         self.requests = Counter("llorch:http_requests", "HTTP requests answered, by route and status.",
@@ -77,3 +81,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DraftCounters:
+    """The scheduler's speculative-decoding counts as Prometheus counters, read when scraped (a Counter
+    cannot read a function); vLLM's names."""
+
+    def __init__(self, drafts: Callable[[], tuple[int, int]]) -> None:
+        self.drafts = drafts
+
+    def collect(self):
+        drafted, accepted = self.drafts()
+        yield CounterMetricFamily("llorch:spec_decode_num_draft_tokens", "Tokens drafted for greedy jobs and "
+                                  "run in a verify pass.", value=drafted)
+        yield CounterMetricFamily("llorch:spec_decode_num_accepted_tokens", "Drafted tokens that the model's "
+                                  "greedy choice confirmed, and so were taken.", value=accepted)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import NamedTuple, Sequence
+from typing import Container, NamedTuple, Sequence
 
 import numpy as np
 
@@ -132,10 +132,10 @@ class GPT2:
         start_pos = cache.length if start_pos is None else start_pos
         ids, all_logits = self._checked_ids(token_ids, start_pos, cache.length), logits == "all"
         if tracer is not None:
-            return self._run([(ids, start_pos, cache)], tracer, all_logits).copy()
+            return self._run([(ids, start_pos, cache)], tracer, [all_logits]).copy()
         parts = []
         for first in range(0, ids.size, PREFILL_ROWS):
-            part = self._run([(ids[first:first + PREFILL_ROWS], start_pos + first, cache)], NULL_TRACER, all_logits)
+            part = self._run([(ids[first:first + PREFILL_ROWS], start_pos + first, cache)], NULL_TRACER, [all_logits])
             if all_logits or first + PREFILL_ROWS >= ids.size:
                 parts.append(part.copy())
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -153,20 +153,23 @@ class GPT2:
         if tracer is not None and len(caches) != 1:
             raise ValueError(f"a trace follows one sequence: decode_batch got a tracer and {len(caches)} caches")
         return self._run(self._continuing([[t] for t in tokens], caches), NULL_TRACER if tracer is None else tracer,
-                         all_logits=False).copy()
+                         [False] * len(tokens)).copy()
 
-    def forward_batch(self, segments: Sequence[tuple[Sequence[int], KVCache]]) -> np.ndarray:
+    def forward_batch(self, segments: Sequence[tuple[Sequence[int], KVCache]], *,
+                      all_logits: Container[int] = ()) -> np.ndarray:
         """One stacked pass over several sequences, each continuing its cache with any number of tokens: a
-        scheduler's step mixes one new token of each decoding sequence with chunks of prompts.
+        scheduler's step mixes the new tokens of the decoding sequences (one each, or one and its drafts)
+        with chunks of prompts.
 
-        Returns the logits of each segment's last row, [len(segments), V]; every row is bitwise what its
-        sequence would get alone (rows meet only in the matrices, which compute each row on its own)."""
+        Returns, stacked in the segments' order, the logits of every row of the segments whose index is in
+        all_logits and of the last row of the others; every row is bitwise what its sequence would get alone
+        (rows meet only in the matrices, which compute each row on its own)."""
         if not segments:
             raise ValueError("forward_batch needs at least one segment")
         if len({id(cache) for _, cache in segments}) != len(segments):
             raise ValueError("forward_batch got the same cache in two segments")
         return self._run(self._continuing([ids for ids, _ in segments], [c for _, c in segments]), NULL_TRACER,
-                         all_logits=False).copy()
+                         [i in all_logits for i in range(len(segments))]).copy()
 
     def _continuing(self, token_ids: Sequence, caches: Sequence[KVCache]) -> Segments:
         """Checked segments, each continuing its cache from its length."""
@@ -186,11 +189,12 @@ class GPT2:
             raise ContextError(f"{start_pos + ids.size} positions exceed the context of {P} tokens")
         return ids.astype(np.int32)
 
-    def _run(self, segments: Segments, tracer, all_logits: bool) -> np.ndarray:
+    def _run(self, segments: Segments, tracer, all_logits: Sequence[bool]) -> np.ndarray:
         """The forward pass over checked segments, their rows stacked.
 
-        Returns logits for every row, or for each segment's last row; a workspace view, valid until the
-        next call. A tracer (not NULL_TRACER) comes with one segment only."""
+        Returns logits for every row of each segment whose all_logits is true and for the last row of the
+        others; a workspace view, valid until the next call. A tracer (not NULL_TRACER) comes with one
+        segment only."""
         cfg, w = self.config, self.weights
         T = sum(ids.size for ids, _, _ in segments)
         rows = []                            # each segment's rows in the stacked activations
@@ -210,12 +214,13 @@ class GPT2:
 
         K.layernorm(a.ln, a.x, w.ln_f_w, w.ln_f_b, cfg.layer_norm_epsilon)
         tracer.record("ln_f", None, a.ln)
-        if all_logits:
+        picked = [i for r, every in zip(rows, all_logits) for i in (range(r.start, r.stop) if every else (r.stop - 1,))]
+        if len(picked) == T:
             last = a.ln
-        elif len(segments) == 1:
-            last = a.ln[T - 1:]
+        elif len(picked) == 1:
+            last = a.ln[picked[0]:picked[0] + 1]
         else:
-            last = np.take(a.ln, [r.stop - 1 for r in rows], axis=0, out=self._ws.get("last", (len(rows), cfg.n_embd)))
+            last = np.take(a.ln, picked, axis=0, out=self._ws.get("last", (len(picked), cfg.n_embd)))
         out = self._ws.get("logits", (last.shape[0], cfg.vocab_size))
         K.lm_head(out, last, w.wte)
         tracer.record("logits", None, out[-1:])

@@ -4,11 +4,13 @@
 Each step the scheduler retires cancelled jobs, admits queued ones up to max_batch (a generation Session
 each, with a fresh KV cache), then runs ONE stacked pass (`model.forward_batch`): the next token of every
 decoding job, plus at most step_tokens rows of the prompts still being prefilled, taken in admission order
-and split at any position. A prompt's rows that the prefix cache holds are copied instead of computed. Each
-job whose row completes a token hands it to its Session; the jobs that finished leave. So a long prompt
-never holds the running streams for more than one step's budget. Jobs join and leave only between steps;
-each row is computed bitwise as if its job ran alone, so neither batching, chunking nor the prefix cache
-changes a job's tokens.
+and split at any position. A prompt's rows that the prefix cache holds are copied instead of computed. While
+few jobs decode, a greedy job's next token brings its drafts along (llorch.generate.LookupDrafter: exact
+speculative decoding) within what the prompts left of the budget. Each job whose row completes a token hands
+it to its Session (a drafting job its rows, while they confirm its drafts); the jobs that finished leave. So
+a long prompt never holds the running streams for more than one step's budget. Jobs join and leave only
+between steps; each row is computed bitwise as if its job ran alone, so neither batching, chunking, drafts
+nor the prefix cache change a job's tokens.
 
 Everything that touches the model runs on the scheduler thread: the model is not thread-safe. Other threads
 only submit and cancel jobs, under a lock, and receive a job's events -- JobStarted, TokenReleased, then
@@ -27,11 +29,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from functools import partial
 from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from .generate import NonFiniteError, Session, StopReason
+from .generate import DRAFTS, LookupDrafter, NonFiniteError, Session, Step, StopReason
 from .logits import LogitsProcessor, TopLogprobs, score
 from .model import GPT2, PREFILL_ROWS
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -45,6 +48,10 @@ log = logging.getLogger("llorch.scheduler")
 # measurements behind this default.
 DEFAULT_STEP_TOKENS = 64
 DEFAULT_CACHE_BYTES = 512 * 2**20
+# Drafted rows cost compute: while few jobs decode, a step reads the weights for little work and a greedy job's
+# drafts ride along almost free; with many, the step is compute-bound and drafts would slow every job down.
+# Drafts also share the step's prompt budget, after the prompts (spec 14, requirement 12a).
+DRAFT_MAX_JOBS = 4
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     # set by the scheduler thread
     session: Session | None = None           # from admission until the job leaves
+    drafter: LookupDrafter | None = None     # a greedy job's, when the scheduler drafts
     finished: bool = False
     admitted_at: float = 0.0
     tokens_out: int = 0
@@ -168,7 +176,9 @@ class Job:
 
 class Scheduler:
     """Owns the model on its own thread and runs every job through it, max_batch at a time, with at most
-    step_tokens prompt rows per step and a prefix cache of cache_bytes.
+    step_tokens prompt rows per step and a prefix cache of cache_bytes. With draft="lookup" (the default;
+    None turns it off) greedy jobs decode speculatively while at most DRAFT_MAX_JOBS jobs decode;
+    `drafted_tokens` and `accepted_tokens` count the drafts run and those taken.
 
     `loaded` is a Future of the model: it completes once the thread has loaded it (or failed to);
     `build_info` is then llorch.build_info() as the scheduler thread sees it (its threads, SIMD path).
@@ -178,11 +188,14 @@ class Scheduler:
 
     def __init__(self, load_model: Callable[[], GPT2], *, max_batch: int, max_queue: int,
                  threads: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, draft: str | None = "lookup") -> None:
         if max_batch < 1 or max_queue < 0 or step_tokens < 1:
             raise ValueError(f"max_batch and step_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{step_tokens} and {max_queue}")
-        self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
+        if draft is not None and draft not in DRAFTS:
+            raise ValueError(f"draft must be one of {', '.join(DRAFTS)} or None, got {draft!r}")
+        self.max_batch, self.max_queue, self.step_tokens, self.draft = max_batch, max_queue, step_tokens, draft
+        self.drafted_tokens = self.accepted_tokens = 0
         self.prefix_cache = PrefixCache(cache_bytes)
         self.loaded: concurrent.futures.Future[GPT2] = concurrent.futures.Future()
         self._load_model, self._threads = load_model, threads
@@ -337,11 +350,21 @@ class Scheduler:
                 if rows := self._next_chunk(job, budget - prompt_rows):
                     chunks.append((job, rows))
                     prompt_rows += rows
+        draft_rows = self._draft(decoding, budget - prompt_rows if len(decoding) <= DRAFT_MAX_JOBS else 0)
         if decoding or chunks:
             self._run(decoding, chunks)
         self._retire(cancelled_only=False)
-        log.debug("step: %d decoding, %d prompt rows, %.1f ms", len(decoding), prompt_rows,
-                  (time.perf_counter() - started) * 1e3)
+        log.debug("step: %d decoding, %d drafted rows, %d prompt rows, %.1f ms", len(decoding), draft_rows,
+                  prompt_rows, (time.perf_counter() - started) * 1e3)
+
+    def _draft(self, decoding: list[Job], room: int) -> int:
+        """Each greedy job's drafts for this step, at most room rows in all (0: none); how many."""
+        drafted = 0
+        for job in decoding:
+            if job.drafter is not None:
+                drafted += len(job.drafter.draft(room - drafted))
+        self.drafted_tokens += drafted
+        return drafted
 
     def _admit(self) -> None:
         with self._lock:
@@ -358,6 +381,8 @@ class Scheduler:
             try:
                 job.session = Session(self._model, job.prompt_ids, job.max_tokens, job.sampler, stop=job.stop,
                                       processor=job.processor, logprobs=job.logprobs)
+                if self.draft is not None and job.sampler.temperature == 0:
+                    job.drafter = LookupDrafter(job.session)
             except ValueError as e:
                 self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
 
@@ -399,41 +424,50 @@ class Scheduler:
         return False
 
     def _run(self, decoding: list[Job], chunks: list[tuple[Job, int]]) -> None:
-        """One stacked pass: a row for each decoding job, then each prompt chunk; the tokens it completes."""
-        segments = [([job.session.tokens[-1]], job.session.cache) for job in decoding]
+        """One stacked pass: the rows of each decoding job (its last token, and its drafts), then each
+        prompt chunk; the tokens it completes."""
+        segments = [([job.session.tokens[-1]] + (job.drafter.drafted if job.drafter else []), job.session.cache)
+                    for job in decoding]
         for job, rows in chunks:
             done = job.session.cache.length
             segments.append((job.prompt_ids[done:done + rows], job.session.cache))
         try:
-            logits = self._model.forward_batch(segments)
+            logits = self._model.forward_batch(segments, all_logits=range(len(decoding)))
         except (ValueError, FloatingPointError) as e:
             for job in decoding + [job for job, _ in chunks]:
                 self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
             return
-        for job, row in zip(decoding, logits):
-            self._take(job, row)
-        for (job, _), row in zip(chunks, logits[len(decoding):]):
+        first = 0
+        for job, (ids, _) in zip(decoding, segments):
+            rows, first = logits[first:first + len(ids)], first + len(ids)
+            if job.drafter is None:
+                self._take(job, rows[0])
+            else:   # each Step's event is posted by _take; the drafts taken are the rows after the first
+                self.accepted_tokens += max(0, sum(1 for _ in job.drafter.take(rows, partial(self._take, job))) - 1)
+        for (job, _), row in zip(chunks, logits[first:]):
             job.blocks_stored = self.prefix_cache.store(job.prompt_ids, job.session.cache, job.blocks_stored)
             if job.session.cache.length == len(job.prompt_ids):   # its last prompt row: the first token
                 self._take(job, row)
 
-    def _take(self, job: Job, logits: np.ndarray) -> None:
-        """The job's next token from its row; its end when a stop rule fires, its failure on bad logits."""
+    def _take(self, job: Job, logits: np.ndarray) -> Step | None:
+        """The job's next token from its row, posted; its end when a stop rule fires, its failure (and None)
+        on bad logits."""
         try:
             step = job.session.take(logits)
         except NonFiniteError as e:
             self._post(job, job.fail(FailureCode.NON_FINITE_LOGITS, str(e)))
-            return
+            return None
         except FloatingPointError as e:
             self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
-            return
+            return None
         except ValueError as e:
             self._post(job, job.fail(FailureCode.INFERENCE_FAILED, f"sampling failed: {e}"))
-            return
+            return None
         self._post(job, TokenReleased(job.tokens_out, step.token, step.text, step.logprob, step.top_logprobs))
         job.tokens_out += 1
         if step.stop_reason is not None:
             self._post(job, job.finish(self.memory_bytes()))
+        return step
 
     def _retire(self, cancelled_only: bool) -> None:
         """Drop cancelled jobs (queued or active) and, unless cancelled_only, finished ones; free their slots."""
@@ -449,7 +483,7 @@ class Scheduler:
         for job in leaving:
             if not job.finished:
                 self._post(job, job.fail(FailureCode.CANCELLED, job.cancel_reason))
-            job.session = None   # its cache's memory goes back
+            job.session = job.drafter = None   # its cache's memory goes back
 
     def _fail_all(self, code: FailureCode, message: str) -> None:
         with self._lock:
@@ -460,4 +494,4 @@ class Scheduler:
         for job in jobs:
             if not job.finished:
                 self._post(job, job.fail(code, message))
-            job.session = None
+            job.session = job.drafter = None

@@ -36,7 +36,7 @@ import numpy as np
 
 import llorch
 from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
-from llorch.generate import StopReason
+from llorch.generate import DRAFTS, StopReason
 from llorch.hub import resolve_model
 from llorch.logits import LogitsProcessor, TopLogprobs
 from llorch.runtime import threads_beyond_cpus
@@ -279,8 +279,9 @@ class Worker:
         self.grace_s = args.grace_period
         self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), max_batch=args.max_batch,
                                    max_queue=args.max_queue, threads=args.threads, step_tokens=args.step_tokens,
-                                   cache_bytes=args.cache_bytes)
-        self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes)
+                                   cache_bytes=args.cache_bytes, draft=None if args.draft == "none" else args.draft)
+        self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes,
+                               lambda: (self.scheduler.drafted_tokens, self.scheduler.accepted_tokens))
         self.encoding = llorch.tokenizer()
         self.draining = False
         self.exit_code = 0
@@ -373,8 +374,9 @@ class Worker:
             return
         build = self.scheduler.build_info
         log.info("model %s loaded (%.1f MB), serving %s as worker %s, max batch %d, max queue %d, "
-                 "%d threads, SIMD %s", self.model_ref, model.weight_bytes / 1e6, self.uri, self.worker_id,
-                 self.scheduler.max_batch, self.scheduler.max_queue, build["max_threads"], build["simd_selected"])
+                 "draft %s, %d threads, SIMD %s", self.model_ref, model.weight_bytes / 1e6, self.uri, self.worker_id,
+                 self.scheduler.max_batch, self.scheduler.max_queue, self.scheduler.draft or "none",
+                 build["max_threads"], build["simd_selected"])
         if self.callback_url:
             await self.announce()
 
@@ -934,6 +936,10 @@ def build_parser() -> ArgumentParser:
                         help=f"prompt rows per scheduler step, beside the decode rows (default: {DEFAULT_STEP_TOKENS})")
     parser.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
                         help=f"prefix cache size in bytes, 0 for none (default: {DEFAULT_CACHE_BYTES})")
+    parser.add_argument("--draft", choices=[*DRAFTS, "none"], default="lookup",
+                        help="exact speculative decoding of greedy jobs while few jobs decode: lookup drafts tokens "
+                             "by finding the last words earlier in the prompt and output; the tokens are the same "
+                             "either way (default: lookup)")
     parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, how long running jobs may finish before they are cancelled (default: 10)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
