@@ -86,6 +86,25 @@ def test_ids_past_the_tokenizer_of_a_padded_vocabulary_are_never_chosen(padded_c
         assert len(tokens) == 8 and max(tokens) < enc.n_vocab
 
 
+def test_prompt_logprobs_of_a_padded_vocabulary_are_over_the_tokenizers_ids(padded_checkpoint):
+    padded = llorch.load(padded_checkpoint)
+    prompt = enc.encode("Hello world, again")
+    session = Session(padded, prompt, 1, Sampler(), logprobs=2)
+    rows = padded.forward(prompt, session.cache, logits="all")
+    scored = session.score_prompt(rows, 2)
+    assert len(scored) == len(prompt) - 1
+    for row, token, (logprob, top) in zip(rows, prompt[1:], scored):
+        real = row[:enc.n_vocab].astype(np.float64)
+        expected = real[token] - real.max() - np.log(np.exp(real - real.max()).sum())
+        assert logprob == pytest.approx(expected, abs=1e-9)
+        assert len(top) == 2 and all(t < enc.n_vocab for t, _ in top)   # padding ids, though larger, are not there
+    # the completion's log-prob is over the same ids
+    step = session.take(rows[-1])
+    real = rows[-1][:enc.n_vocab].astype(np.float64)
+    assert step.logprob == pytest.approx(real[step.token] - real.max() - np.log(np.exp(real - real.max()).sum()),
+                                         abs=1e-9)
+
+
 def test_overflowing_activations_raise_naming_the_position_and_the_checkpoint(overflowing_checkpoint):
     overflowing = llorch.load(overflowing_checkpoint)
     prompt = [464, 3139, 286]

@@ -127,6 +127,11 @@ class Session:
             text += self.flush()
         return Step(token, text, self.stop_reason, logprob, top)
 
+    def score_prompt(self, logits: np.ndarray, top_n: int) -> list[tuple[float, TopLogprobs]]:
+        """Each prompt token's log-prob after the first, and the top_n most likely there, from the prompt's
+        logits rows [len(prompt_ids), V] (the model's own, before any processor), over the same ids as take."""
+        return [score(row[:self._n_vocab], token, top_n) for row, token in zip(logits, self.prompt_ids[1:])]
+
     def flush(self) -> str:
         """The text held back, released: at the end, or when the caller gives up early (Ctrl-C)."""
         return self._stops.push(self._decoder.flush()) + self._stops.flush()

@@ -35,7 +35,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from .generate import DRAFTS, LookupDrafter, NonFiniteError, Session, Step, StopReason
-from .logits import LogitsProcessor, TopLogprobs, score
+from .logits import LogitsProcessor, TopLogprobs
 from .model import GPT2, PREFILL_ROWS
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .runtime import build_info, configure_from_env, set_num_threads
@@ -403,7 +403,7 @@ class Scheduler:
         except (ValueError, FloatingPointError) as e:
             self._post(job, job.fail(FailureCode.INFERENCE_FAILED, str(e)))
             return
-        scores = [score(row, token, job.prompt_logprobs) for row, token in zip(logits, job.prompt_ids[1:])]
+        scores = job.session.score_prompt(logits, job.prompt_logprobs)
         self._post(job, PromptScored(tuple(lp for lp, _ in scores), tuple(top for _, top in scores)))
         self._take(job, logits[-1])
 
