@@ -5,8 +5,9 @@
 Starts a local Ray with 2 CPUs and Serve on a free 127.0.0.1 port, then per round deploys the application
 (llorch.ray) with 1 replica and measures, then with 2 and measures; each replica has 1 thread and 1 CPU.
 A measurement is bench/batching.py's: --jobs concurrent greedy /execute streams, their tokens over the wall
-time from the first request to the last `end`, while /health is polled every 20 ms. Issue 18's target:
-2 replicas >= 1.7x one.
+time from the first request to the last `end`, while /health is polled every 20 ms. Drafting is off
+(`draft: none`) everywhere: a replica with 4 streams would draft and one with 8 would not, so the ratio
+would measure speculative decoding rather than replicas. Issue 18's target: 2 replicas >= 1.7x one.
 
 The same round then measures the reference without Ray: the same streams against one llorch-cpud of 1
 thread, then split over two of 1 thread each (started once, idle while Ray measures; the application is
@@ -40,7 +41,7 @@ from batching import DEFAULT_MODEL_DIR, aggregate_rate, free_port, start_daemon
 
 def measure(url: str, replicas: int, args: argparse.Namespace, round_no: int) -> list[float]:
     options = llorch_ray.Options.from_args({"model": args.model, "replicas": replicas, "threads": 1, "num_cpus": 1,
-                                            "max_batch": args.jobs, "max_queue": args.jobs})
+                                            "max_batch": args.jobs, "max_queue": args.jobs, "draft": "none"})
     serve.run(llorch_ray.build_app(options), name=llorch_ray.APP_NAME, route_prefix="/")
     aggregate_rate(url, args.jobs, 4, f"warm-up-{round_no}-{replicas}", [])   # every replica's first job
     rates = [aggregate_rate(url, args.jobs, args.tokens, f"r{round_no}-{replicas}-{i}", []) for i in range(args.repeats)]
@@ -77,7 +78,7 @@ def main() -> int:
     try:
         with tempfile.NamedTemporaryFile("w", prefix="llorch-cpud-", suffix=".log", delete=False) as log:
             for _ in range(2):
-                daemons.append(start_daemon(args.model, args.jobs, 1, log))
+                daemons.append(start_daemon(args.model, args.jobs, 1, log, ("--draft", "none")))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         aggregate_rate([url for _, url in daemons], args.jobs, 4, "warm-up", [])

@@ -135,7 +135,10 @@ def test_app_builder_options_from_strings_and_bad_ones():
     lr = pytest.importorskip("llorch.ray")
     options = lr.Options.from_args({"model": "m", "replicas": "2", "threads": "1", "num_cpus": "0.5"})
     assert (options.replicas, options.threads, options.cpus) == (2, 1, 0.5)
+    assert "--draft lookup" in " ".join(options.worker_argv("w"))
+    assert "--draft none" in " ".join(lr.Options.from_args({"model": "m", "draft": "none"}).worker_argv("w"))
     for args, message in (({"replicas": 2}, "model is required"), ({"model": "m", "replica": 2}, "unknown option 'replica'"),
+                          ({"model": "m", "draft": "ngram"}, "draft must be one of lookup, none, got 'ngram'"),
                           ({"model": "m", "replicas": "two"}, "replicas must be an integer, got 'two'"),
                           ({"model": "m", "max_batch": 2.5}, "max_batch must be an integer, got 2.5")):
         with pytest.raises(ValueError, match=message):

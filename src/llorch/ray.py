@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 
 from llorch import server
 from llorch.console import EXIT_INTERRUPTED, ArgumentParser, internal_error
+from llorch.generate import DRAFTS
 from llorch.scheduler import FailureCode
 
 try:
@@ -73,6 +74,7 @@ class Options:
     max_batch: int = 8
     max_queue: int = 64
     grace_period: float = 10.0
+    draft: str = "lookup"                  # as llorch-cpud's --draft: lookup drafting of greedy jobs, or none
     callback_url: str | None = None        # announced once the application serves
     callback_token: str | None = field(default=None, repr=False)   # sent with it, as llorch-cpud's
     callback_timeout: float = 5.0
@@ -106,6 +108,8 @@ class Options:
             value = getattr(self, name)
             if value is not None and (value <= low if strict else value < low):
                 raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+        if self.draft not in (*DRAFTS, "none"):
+            raise ValueError(f"draft must be one of {', '.join((*DRAFTS, 'none'))}, got {self.draft!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -127,7 +131,7 @@ class Options:
                                                       ("--allowed-hosts", self.allowed_hosts)) if value]
         return ["--model", self.model, "--host", address.hostname or "127.0.0.1", "--port", str(address.port or 80),
                 "--worker-id", worker_id, "--threads", str(threads), "--max-batch", str(self.max_batch),
-                "--max-queue", str(self.max_queue), "--grace-period", str(self.grace_period),
+                "--max-queue", str(self.max_queue), "--grace-period", str(self.grace_period), "--draft", self.draft,
                 "--cors-origins", self.cors_origins, *(item for pair in optional for item in pair)]
 
 
@@ -451,6 +455,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--public-url", help="the uri announced, whose host the replicas accept in Host headers "
                         "(default: http://HOST:PORT)")
     server.add_guard_arguments(parser)   # enforced by each replica's guard, as llorch-cpud's
+    parser.add_argument("--draft", choices=[*DRAFTS, "none"], default="lookup",
+                        help="as llorch-cpud's: lookup drafting of greedy jobs (exact), or none (default: lookup)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return parser
 
