@@ -99,8 +99,10 @@ class Daemon:
 
     def __init__(self, model: str, threads: int | None, *options: str) -> None:
         self.log = tempfile.NamedTemporaryFile("w", prefix="llorch-serving-", suffix=".log", delete=False)
-        # a queue as long as the mix, which arrives faster than a loaded machine serves it
-        self.process, self.url = start_daemon(model, 8, threads, self.log, ("--max-queue", "64", *options))
+        # a queue as long as the mix, which arrives faster than a loaded machine serves it; no drafting, so
+        # that the figures measure scheduling (the random checkpoint's greedy text repeats: drafts would win)
+        self.process, self.url = start_daemon(model, 8, threads, self.log,
+                                              ("--max-queue", "64", "--draft", "none", *options))
 
     def cached_tokens(self) -> tuple[int, int]:
         """(prompt tokens, of which from the prefix cache) over the jobs logged so far."""
