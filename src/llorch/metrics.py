@@ -13,6 +13,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .runtime import kernel_threads
 from .scheduler import JobEnded, JobEvent, JobFailed, JobStarted, TokenReleased
 
 # seconds; from a tiny model's sub-millisecond tokens to a long prompt queued behind a full batch
@@ -34,6 +35,8 @@ class Metrics:
               registry=registry).set_function(lambda: counts()[1])
         Gauge("llorch:kv_cache_usage_bytes", "Bytes reserved by the KV caches of the jobs in the batch (full "
               "size; only the written positions are resident).", registry=registry).set_function(kv_cache_bytes)
+        Gauge("llorch:kernel_threads", "Threads the kernels run with: the fixed count, or auto's latest choice.",
+              registry=registry).set_function(kernel_threads)
         self.prompt_tokens = Counter("llorch:prompt_tokens", "Prompt tokens prefilled.", registry=registry)
         self.generation_tokens = Counter("llorch:generation_tokens", "Tokens generated.", registry=registry)
         self.requests = Counter("llorch:http_requests", "HTTP requests answered, by route and status.",
