@@ -4,8 +4,8 @@ core kept busy and without.
     python bench/contention.py [--model DIR] [--tokens 48] [--repeats 3]
 
 Each setting runs in a fresh process (OpenMP reads its wait policy once, when it starts), in turns: every
-repeat runs every setting, quiet then with a Python busy loop pinned to the last core (taskset), so the
-machine's drift spreads over all of them. A process first decodes for WARM_UP_S (auto samples the load a few
+repeat runs every setting, in an order rotated by one each repeat, quiet then with a Python busy loop pinned
+to the last core (taskset), so the machine's drift spreads over all of them. A process first decodes for WARM_UP_S (auto samples the load a few
 times a second: this is the steady state a running process is in), then times --tokens one-row decode passes
 after a 32-token prompt and PREFILLS passes of a 128-token prompt from an empty cache.
 
@@ -74,13 +74,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     runs = {(busy, name): [] for busy in (False, True) for name in SETTINGS}
-    for _ in range(args.repeats):
+    names = list(SETTINGS)
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
         for busy in (False, True):
             loop = subprocess.Popen(["taskset", "-c", str(CORES - 1), sys.executable, "-c", "while True: pass"]) \
                 if busy else None
             try:
-                for name, env in SETTINGS.items():
-                    runs[busy, name].append(measure(args.model, args.tokens, env))
+                for name in order:
+                    runs[busy, name].append(measure(args.model, args.tokens, SETTINGS[name]))
             finally:
                 if loop:
                     loop.kill()

@@ -1,7 +1,7 @@
 """The kernels' thread count (llorch.runtime, spec 00 "Threads"):
 
 - the ceiling: the affinity mask, capped by a cgroup v2 or v1 CPU quota on the process's cgroup or an ancestor;
-- the automatic choice from two CPU samples: a core given up to other work, taken back, no flapping;
+- the automatic choice from CPU samples: a core given up to other work that lasts, taken back, no flapping;
 - a fixed count is honoured on whichever thread runs the pass;
 - auto really gives a core up to a busy process (a real busy loop pinned to one of our CPUs), and the logits
   stay bitwise those of a fixed count.
@@ -21,7 +21,7 @@ import pytest
 import llorch
 from llorch import _kernels as K
 from llorch.runtime import (CpuSample, affinity_cpus, cgroup_cpu_limit, choose_threads, cpu_busy_seconds, cpu_ceiling,
-                            kernel_threads, thread_setting)
+                            kernel_threads, others_busy, thread_setting)
 from llorch.testing import make_checkpoint
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
@@ -90,30 +90,41 @@ def test_busy_seconds_of_the_cpus_asked_for(tmp_path):
 
 # ---- the choice ----
 
-def others(cores_busy: float, seconds: float = 0.25, own: float = 0.0):
-    """Two samples between which other work kept cores_busy cores busy and this process used own cores."""
-    before = CpuSample(100.0, 50.0, 10.0)
-    return before, CpuSample(100.0 + seconds, 50.0 + (cores_busy + own) * seconds, 10.0 + own * seconds)
+def samples(*others: float, own: float = 0.0, seconds: float = 0.25) -> list[CpuSample]:
+    """Samples one window apart, in each of which other work kept others[i] cores busy (this process: own)."""
+    out = [CpuSample(100.0, 50.0, 10.0)]
+    for cores in others:
+        last = out[-1]
+        out.append(CpuSample(last.wall + seconds, last.busy + (cores + own) * seconds, last.own + own * seconds))
+    return out
+
+
+def test_the_load_of_other_work_is_the_busy_time_minus_our_own():
+    before, after = samples(0.5, own=1.5)
+    assert others_busy(before, after) == pytest.approx(0.5)
 
 
 def test_choice_gives_a_core_up_and_takes_it_back_with_hysteresis():
-    assert choose_threads(2, 2, 2, *others(0.0, own=2.0)) == 2    # quiet: every core (our own use is ours)
-    assert choose_threads(2, 2, 2, *others(0.3, own=1.7)) == 2    # a little other work: keep the core
-    assert choose_threads(2, 2, 2, *others(0.5, own=1.5)) == 1    # a busy loop sharing a core with us: give it up
-    assert choose_threads(1, 2, 2, *others(1.0, own=1.0)) == 1    # ...it then has the core to itself: stay
-    assert choose_threads(1, 2, 2, *others(0.25)) == 1            # between the thresholds: no flapping
-    assert choose_threads(2, 2, 2, *others(0.25)) == 2
-    assert choose_threads(1, 2, 2, *others(0.1)) == 2             # the other work is gone: take the core back
-    assert choose_threads(1, 2, 2, *others(3.0)) == 1             # never fewer than one
-    assert choose_threads(2, 2, 2, *others(0.0, seconds=5.0)) == 2
+    assert choose_threads(2, 2, 2, samples(0.0, 0.0, own=2.0)) == 2   # quiet: every core (our own use is ours)
+    assert choose_threads(2, 2, 2, samples(0.3, 0.3, own=1.7)) == 2   # a little other work: keep the core
+    assert choose_threads(2, 2, 2, samples(0.5, 0.5, own=1.5)) == 1   # a busy loop sharing a core: give it up
+    assert choose_threads(2, 2, 2, samples(0.0, 0.5, own=1.5)) == 2   # ...but not for one window's burst
+    assert choose_threads(2, 2, 2, samples(0.5)) == 2                 # nor on the first window alone
+    assert choose_threads(1, 2, 2, samples(0.5, 1.0, own=1.0)) == 1   # it then has the core to itself: stay
+    assert choose_threads(1, 2, 2, samples(0.25, 0.25)) == 1          # between the thresholds: no flapping
+    assert choose_threads(2, 2, 2, samples(0.25, 0.25)) == 2
+    assert choose_threads(1, 2, 2, samples(1.0, 0.1)) == 2            # the other work is gone: take the core back
+    assert choose_threads(1, 2, 2, samples(0.1)) == 2                 # at once
+    assert choose_threads(1, 2, 2, samples(3.0, 3.0)) == 1            # never fewer than one
+    assert choose_threads(2, 2, 2, samples(0.0, 0.0, seconds=5.0)) == 2
 
 
 def test_choice_stays_within_the_ceiling():
     # a quota of 2 CPUs on a 16-CPU machine: 2 threads while the machine has 2 to spare, fewer below
-    assert choose_threads(2, 2, 16, *others(10.0)) == 2
-    assert choose_threads(2, 2, 16, *others(15.0)) == 1
-    assert choose_threads(8, 8, 8, *others(2.7)) == 5              # floor(8 - 2.7 + 0.35)
-    assert choose_threads(5, 8, 8, *others(0.0)) == 8
+    assert choose_threads(2, 2, 16, samples(10.0, 10.0)) == 2
+    assert choose_threads(2, 2, 16, samples(15.0, 15.0)) == 1
+    assert choose_threads(8, 8, 8, samples(2.7, 3.0)) == 5             # floor(8 - 2.7 + 0.35): the lesser load
+    assert choose_threads(5, 8, 8, samples(0.0, 0.0)) == 8
 
 
 # ---- applying it ----

@@ -20,7 +20,8 @@ import os
 import sys
 import threading
 import time
-from typing import NamedTuple
+from collections import deque
+from typing import NamedTuple, Sequence
 
 from . import _kernels
 from .version import __version__
@@ -28,6 +29,8 @@ from .version import __version__
 SAMPLE_PERIOD_S = 0.25   # reading /proc/stat costs tens of microseconds: a few times a second is free
 SLACK = 0.35             # a core stays in use while other work takes at most this much of it...
 HYSTERESIS = 0.2         # ...and is taken back once other work leaves all but SLACK - HYSTERESIS of it
+DROP_WINDOWS = 2         # a core is given up only when other work took it in this many windows in a row:
+                         # a quiet machine's bursts (another process for 0.1 s) cost a core for a window or more
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100   # /proc/stat's unit: 1/ticks s
 
 
@@ -126,16 +129,22 @@ def cpu_busy_seconds(cpus: set[int], stat: str = "/proc/stat") -> float:
     return busy / CLOCK_TICKS
 
 
-def choose_threads(current: int, ceiling: int, cpus: int, before: CpuSample, after: CpuSample) -> int:
-    """The thread count for the next passes, from the current one and two samples: the cores other work
-    kept busy between them (busy time of this process's cpus CPUs minus its own CPU time) are not free.
-    A core is given up once others take more than SLACK of it, and taken back only once they take less
-    than SLACK - HYSTERESIS, so that a load near the threshold does not make the count flap."""
-    others = ((after.busy - before.busy) - (after.own - before.own)) / (after.wall - before.wall)
-    free = cpus - others
-    wanted = math.floor(free + SLACK)
-    if wanted > current:
-        wanted = max(current, math.floor(free + SLACK - HYSTERESIS))
+def others_busy(before: CpuSample, after: CpuSample) -> float:
+    """Cores that other work kept busy between two samples: the busy time of the CPUs minus this
+    process's own CPU time, over the wall time."""
+    return ((after.busy - before.busy) - (after.own - before.own)) / (after.wall - before.wall)
+
+
+def choose_threads(current: int, ceiling: int, cpus: int, samples: Sequence[CpuSample]) -> int:
+    """The thread count for the next passes, from the current one and the latest samples (in time order)
+    of this process's cpus CPUs: the cores other work keeps busy are not free. A core is given up once
+    others take more than SLACK of it in each of the last DROP_WINDOWS windows between samples, and taken
+    back once they take less than SLACK - HYSTERESIS in the latest, so that neither a burst nor a load near
+    the threshold makes the count flap."""
+    windows = [others_busy(a, b) for a, b in zip(samples, samples[1:])][-DROP_WINDOWS:]
+    wanted = math.floor(cpus - min(windows) + SLACK) if len(windows) == DROP_WINDOWS else current
+    if wanted >= current:
+        wanted = max(current, math.floor(cpus - windows[-1] + SLACK - HYSTERESIS))
     return min(max(wanted, 1), ceiling)
 
 
@@ -149,7 +158,7 @@ class _Threads:
         self.fixed: int | None = None
         self.source = "auto"
         self.current = self.ceiling
-        self.last: CpuSample | None = None
+        self.samples: deque[CpuSample] = deque(maxlen=DROP_WINDOWS + 1)
 
     def sample(self) -> CpuSample | None:
         try:
@@ -165,16 +174,19 @@ class _Threads:
 
     def auto(self) -> None:
         with self.lock:
-            self.fixed, self.source, self.current, self.last = None, "auto", self.ceiling, self.sample()
+            self.fixed, self.source, self.current = None, "auto", self.ceiling
+            self.samples.clear()
+            if (first := self.sample()) is not None:
+                self.samples.append(first)
         _kernels.set_num_threads(self.current)
 
     def for_pass(self) -> int:
-        if self.fixed is None and self.last is not None and time.monotonic() - self.last.wall >= SAMPLE_PERIOD_S:
+        if self.fixed is None and self.samples and time.monotonic() - self.samples[-1].wall >= SAMPLE_PERIOD_S:
             with self.lock:
                 now = self.sample()
-                if self.fixed is None and now is not None and now.wall - self.last.wall >= SAMPLE_PERIOD_S:
-                    self.current = choose_threads(self.current, self.ceiling, len(self.cpus), self.last, now)
-                    self.last = now
+                if self.fixed is None and now is not None and now.wall - self.samples[-1].wall >= SAMPLE_PERIOD_S:
+                    self.samples.append(now)
+                    self.current = choose_threads(self.current, self.ceiling, len(self.cpus), list(self.samples))
         n = self.fixed or self.current
         _kernels.set_num_threads(n)
         return n
