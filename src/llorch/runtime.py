@@ -149,7 +149,7 @@ def choose_threads(current: int, ceiling: int, cpus: int, samples: Sequence[CpuS
 
 
 class _Threads:
-    """The process's thread policy: a fixed count, or auto with its last sample and choice."""
+    """The process's thread policy: a fixed count, or auto with its latest samples and choice."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
