@@ -1,8 +1,12 @@
-"""One adapter per engine, all with the same three calls on token ids (no tokenizer in the timed path):
+"""One adapter per engine, all with the same calls on token ids (no tokenizer in the timed path):
 
-    engine = ENGINES[name](files, threads)     # load the model
+    engine = ENGINES[name](files, threads)     # load the model; threads None: the engine's own default
     engine.prefill(ids)          -> last-position logits [V] of a pass from an empty cache
     engine.generate(ids, n)      -> (n greedy token ids, perf_counter() at which each was ready)
+    engine.generate(ids, n, sampled=True)      the same with temperature TEMPERATURE and top-p TOP_P, by the
+                                               engine's own sampler (ONNX Runtime has none: numpy, as its
+                                               users write it)
+    engine.threads()             -> the threads it computes with, as the engine reports them
 
 generate never stops early (no EOS stop) and starts from an empty cache each call; its first timestamp
 gives the TTFT, the spacing of the rest the decode rate. Heavy imports happen in the constructors, so a
@@ -18,6 +22,8 @@ import time
 import numpy as np
 
 from convert import ModelFiles
+
+TEMPERATURE, TOP_P, SEED = 0.8, 0.95, 0   # sampled decode: no top-k, no min-p, no repetition penalty
 
 # (import name, distribution) each engine needs
 REQUIRES = {
@@ -44,31 +50,38 @@ def versions(name: str) -> str:
 class Llorch:
     title = "llorch"
 
-    def __init__(self, files: ModelFiles, threads: int) -> None:
+    def __init__(self, files: ModelFiles, threads: int | None) -> None:
         import llorch
-        llorch.set_num_threads(threads)
+        self.llorch = llorch
+        if threads:
+            llorch.set_num_threads(threads)
         self.model = llorch.load(files.checkpoint)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         return self.model.forward(ids, self.model.new_cache(), logits="last")[0]
 
-    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-        import llorch
+    def generate(self, ids: list[int], n: int, sampled: bool = False) -> tuple[list[int], list[float]]:
+        sampler = self.llorch.Sampler(temperature=TEMPERATURE, top_p=TOP_P, seed=SEED) if sampled else None
         tokens, times = [], []
-        for token in llorch.generate(self.model, ids, n, eos_token_id=None):
+        for token in self.llorch.generate(self.model, ids, n, sampler, eos_token_id=None):
             times.append(time.perf_counter())
             tokens.append(int(token))
         return tokens, times
+
+    def threads(self) -> str:
+        info = self.llorch.build_info()
+        return f"{info['threads_mode']}: {info['threads']}"
 
 
 class HF:
     title = "HF transformers (torch, sdpa)"
     ATTENTION = "sdpa"        # torch's scaled_dot_product_attention; transformers' default
 
-    def __init__(self, files: ModelFiles, threads: int) -> None:
+    def __init__(self, files: ModelFiles, threads: int | None) -> None:
         import torch
         from transformers import GPT2LMHeadModel
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         self.torch = torch
         self.model = GPT2LMHeadModel.from_pretrained(files.checkpoint, dtype=torch.float32,
                                                      attn_implementation=self.ATTENTION).eval()
@@ -78,7 +91,7 @@ class HF:
             out = self.model(self.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].numpy()
 
-    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    def generate(self, ids: list[int], n: int, sampled: bool = False) -> tuple[list[int], list[float]]:
         from transformers.generation.streamers import BaseStreamer
 
         class Clock(BaseStreamer):
@@ -99,46 +112,59 @@ class HF:
 
         clock = Clock()
         x = self.torch.tensor([ids])
+        # top_k=0: generate's default top-k of 50 off, as the other engines sample
+        sampling = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0) if sampled else \
+            dict(do_sample=False)
+        self.torch.manual_seed(SEED)
         with self.torch.inference_mode():
             self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, pad_token_id=self.model.config.eos_token_id, streamer=clock)
+                                pad_token_id=self.model.config.eos_token_id, streamer=clock, **sampling)
         return clock.tokens, clock.times
+
+    def threads(self) -> str:
+        return f"torch: {self.torch.get_num_threads()}"
 
 
 class LlamaCpp:
     title = "llama.cpp (llama-cpp-python, F32 GGUF)"
     BATCH = 512               # a 512-token prompt goes through in one batch
 
-    def __init__(self, files: ModelFiles, threads: int) -> None:
+    def __init__(self, files: ModelFiles, threads: int | None) -> None:
         import llama_cpp
         from llama_cpp import Llama
         self.get_logits = llama_cpp.llama_get_logits_ith
         self.llm = Llama(model_path=files.gguf, n_ctx=files.shape.n_positions, n_batch=self.BATCH,
-                         n_ubatch=self.BATCH, n_threads=threads, n_threads_batch=threads, verbose=False)
+                         n_ubatch=self.BATCH, n_threads=threads, n_threads_batch=threads, seed=SEED, verbose=False)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()      # llama-cpp-python would otherwise reuse the cached prompt
         self.llm.eval(ids)    # keeps no logits itself unless logits_all: read the last row from the context
         return np.ctypeslib.as_array(self.get_logits(self.llm.ctx, -1), shape=(self.llm.n_vocab(),)).copy()
 
-    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    def generate(self, ids: list[int], n: int, sampled: bool = False) -> tuple[list[int], list[float]]:
         self.llm.reset()
+        # temp 0: greedy; top_k 0 and min_p 0: off (its defaults are 40 and 0.05)
+        sampling = dict(temp=TEMPERATURE, top_p=TOP_P, top_k=0, min_p=0.0) if sampled else dict(temp=0.0)
         tokens, times = [], []
-        for token in self.llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):  # temp 0: greedy
+        for token in self.llm.generate(ids, repeat_penalty=1.0, reset=True, **sampling):
             times.append(time.perf_counter())
             tokens.append(int(token))
             if len(tokens) == n:
                 break
         return tokens, times
 
+    def threads(self) -> str:
+        return f"decode {self.llm.n_threads}, batch {self.llm.n_threads_batch}"
+
 
 class Ort:
     title = "ONNX Runtime (torch-exported, with past)"
 
-    def __init__(self, files: ModelFiles, threads: int) -> None:
+    def __init__(self, files: ModelFiles, threads: int | None) -> None:
         import onnxruntime as ort
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or 0   # 0: ORT's default, one per physical core
+        self.intra_op_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.session = ort.InferenceSession(files.onnx, options, providers=["CPUExecutionProvider"])
@@ -155,15 +181,30 @@ class Ort:
     def prefill(self, ids: list[int]) -> np.ndarray:
         return self._step(ids, [self.empty] * self.n_past)[0]
 
-    def generate(self, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    def generate(self, ids: list[int], n: int, sampled: bool = False) -> tuple[list[int], list[float]]:
+        rng = np.random.default_rng(SEED)
         tokens, times = [], []
         logits, past = self._step(ids, [self.empty] * self.n_past)
         while True:
-            tokens.append(int(np.argmax(logits)))
+            tokens.append(top_p_sample(logits, rng) if sampled else int(np.argmax(logits)))
             times.append(time.perf_counter())
             if len(tokens) == n:
                 return tokens, times
             logits, past = self._step([tokens[-1]], past)
+
+    def threads(self) -> str:
+        return f"intra-op {self.intra_op_threads or 'default (physical cores)'}"
+
+
+def top_p_sample(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """Temperature then top-p (nucleus) sampling in numpy, as an ONNX Runtime user writes it: the smallest
+    set of most probable tokens whose probability reaches TOP_P, renormalised."""
+    z = logits.astype(np.float64) / TEMPERATURE
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[:int(np.searchsorted(np.cumsum(p[order]), TOP_P)) + 1]
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
 
 
 ENGINES = {"llorch": Llorch, "hf": HF, "llamacpp": LlamaCpp, "ort": Ort}

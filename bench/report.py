@@ -17,12 +17,16 @@ from ceilings import TokenCost
 GB = 1e9
 
 
-def metrics(prefill: list[int]) -> list[tuple[str, str, bool]]:
-    """(key, label, higher is better) of every per-engine metric, in table order."""
+def metrics(prefill: list[int], busy_prefill: int = 128) -> list[tuple[str, str, bool]]:
+    """(key, label, higher is better) of every per-engine metric, in table order; busy_: the contention
+    scenario's, with one core busy and each engine at its default threads."""
     return [("decode_tok_s", "decode tok/s", True),
+            ("sampled_decode_tok_s", "sampled decode tok/s", True),
             *[(f"prefill_{T}_tok_s", f"prefill@{T} tok/s", True) for T in prefill],
             ("ttft_ms", "TTFT ms", False), ("cold_start_s", "cold start s", False),
-            ("peak_rss_bytes", "peak RSS GB", False)]
+            ("peak_rss_bytes", "peak RSS GB", False),
+            ("busy_decode_tok_s", "decode tok/s, 1 core busy", True),
+            (f"busy_prefill_{busy_prefill}_tok_s", f"prefill@{busy_prefill} tok/s, 1 core busy", True)]
 
 
 def stats(values: list[float]) -> dict:
@@ -31,9 +35,10 @@ def stats(values: list[float]) -> dict:
 
 
 def summarise(*, model: str, cost: TokenCost, settings: dict, status: dict, titles: dict, versions: dict,
-              parity: dict, engine_samples: dict, machine_samples: list, machine: dict, load: dict) -> dict:
+              parity: dict, engine_samples: dict, machine_samples: list, machine: dict, load: dict,
+              contention: dict) -> dict:
     prefill = list(settings["prefill"])
-    keys = metrics(prefill)
+    keys = metrics(prefill, contention["prefill"])
 
     def ceilings(m: dict) -> dict:
         return {"decode_tok_s": m["read_gbps"] * GB / cost.decode_bytes,
@@ -42,10 +47,10 @@ def summarise(*, model: str, cost: TokenCost, settings: dict, status: dict, titl
     roofs = {r: ceilings(m) for r, m in enumerate(machine_samples) if m}
 
     def fractions(sample: dict) -> dict:
-        out = {"peak_rss_of_weights": sample["peak_rss_bytes"] / cost.weight_bytes}
+        out = {"peak_rss_of_weights": sample["peak_rss_bytes"] / cost.weight_bytes} if "peak_rss_bytes" in sample else {}
         roof = roofs.get(sample["round"])
         if roof:
-            out.update({f"{k}_of_ceiling": sample[k] / roof[k] for k in roof})
+            out.update({f"{k}_of_ceiling": sample[k] / roof[k] for k in roof if k in sample})
         return out
 
     engines = {}
@@ -54,7 +59,7 @@ def summarise(*, model: str, cost: TokenCost, settings: dict, status: dict, titl
         frac_keys = sorted({k for s in samples for k in s if k.endswith(("_of_ceiling", "_of_weights"))})
         engines[name] = {
             "title": titles[name], "status": st, "versions": versions.get(name), "parity": parity.get(name),
-            "metrics": {k: stats([s[k] for s in samples]) for k, _, _ in keys},
+            "metrics": {k: stats([s[k] for s in samples if k in s]) for k, _, _ in keys},
             "fractions": {k: stats([s[k] for s in samples if k in s]) for k in frac_keys},
             "samples": samples}
 
@@ -65,8 +70,8 @@ def summarise(*, model: str, cost: TokenCost, settings: dict, status: dict, titl
         for k, _, higher in keys:
             ratios, best_by_round = [], []
             for r, mine in by_round["llorch"].items():
-                values = {p: by_round[p][r][k] for p in peers if r in by_round[p]}
-                if values:
+                values = {p: by_round[p][r][k] for p in peers if k in by_round[p].get(r, {})}
+                if values and k in mine:
                     best = (max if higher else min)(values, key=values.get)
                     ratios.append(mine[k] / values[best])
                     best_by_round.append(best)
@@ -83,7 +88,7 @@ def summarise(*, model: str, cost: TokenCost, settings: dict, status: dict, titl
                     "measured": {k: stats([m[k] for m in machine_samples if m]) for k in machine_keys},
                     "ceilings": {k: stats([c[k] for c in roofs.values()]) for k in ceilings(machine_samples[0])}
                     if roofs else {}},
-        "engines": engines, "llorch_vs_best_peer": vs_peers}
+        "engines": engines, "llorch_vs_best_peer": vs_peers, "contention": contention}
 
 
 def _fmt(v: float) -> str:
@@ -102,8 +107,8 @@ def _cell(key: str, m: dict, frac: dict) -> str:
 
 
 def table(results: dict) -> str:
-    prefill = results["settings"]["prefill"]
-    keys = metrics(prefill)
+    prefill, contention = results["settings"]["prefill"], results["contention"]
+    keys = metrics(prefill, contention["prefill"])
     lines = ["| engine | " + " | ".join(label for _, label, _ in keys) + " |",
              "|---|" + "---:|" * len(keys)]
     for name, e in results["engines"].items():
@@ -136,6 +141,10 @@ def table(results: dict) -> str:
                                            for T, v in cost["prefill_flops_per_token"].items()) + ".")
     notes.append("(%) = fraction of the ceiling measured in the same round (decode: read bandwidth; "
                  "prefill: sgemm); RSS × weights = peak RSS / FP32 weight bytes.")
+    notes.append(f"Sampled decode: temperature 0.8, top-p 0.95, each engine's own sampler (ONNX Runtime: numpy). "
+                 f"1 core busy: a Python busy loop pinned to core {contention['busy_core']}, each engine loaded "
+                 f"again with its default threads: "
+                 + "; ".join(f"{name} {used}" for name, used in contention["threads_used"].items()) + ".")
     over = [f"{name} {k.removesuffix('_of_ceiling')}" for name, e in results["engines"].items()
             for k, f in e["fractions"].items() if k.endswith("_of_ceiling") and f.get("n") and f["median"] > 1]
     if over:
@@ -182,13 +191,16 @@ def chart(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = metrics(results["settings"]["prefill"])
+    keys = metrics(results["settings"]["prefill"], results["contention"]["prefill"])
     ran = {n: e for n, e in results["engines"].items() if e["metrics"][keys[0][0]].get("n")}
     roof = results["machine"]["ceilings"]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    rows = -(-len(keys) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(14, 3.75 * rows))
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
     for ax, (key, label, higher) in zip(axes.flat, keys):
         scale = 1 / GB if key == "peak_rss_bytes" else 1
-        names = list(ran)
+        names = [n for n in ran if ran[n]["metrics"][key].get("n")]
         med = [ran[n]["metrics"][key]["median"] * scale for n in names]
         lo = [m - ran[n]["metrics"][key]["min"] * scale for n, m in zip(names, med)]
         hi = [ran[n]["metrics"][key]["max"] * scale - m for n, m in zip(names, med)]

@@ -8,8 +8,13 @@ Each engine runs in its own worker process (bench/worker.py) with the same threa
 logits and greedy tokens are checked against HF and llorch on the same prompt (this proves the GGUF and
 ONNX conversions). Then, every round, in an order rotated by one each round: the machine's sgemm and read
 bandwidth (bench/ceilings.py), and for each engine a 16-token prompt + 128 new tokens (TTFT, decode tok/s),
-prefills of 128 and 512 tokens, and a fresh process (cold start, peak RSS). Medians over the rounds go
-to a table on stdout, bench/results/<date>-<model>.json (+ latest.json) and a chart (latest.png);
+the same sampled (temperature 0.8, top-p 0.95, each engine's own sampler), prefills of 128 and 512 tokens,
+and a fresh process (cold start, peak RSS).
+
+Then the contention scenario: the engines are loaded again, each with its own default thread count, as its
+users get it (llorch: auto), and every round, with a Python busy loop pinned to the last core, each engine
+(in rotated order) decodes and prefills 128 tokens; the threads each used are recorded. Medians over the
+rounds go to a table on stdout, bench/results/<date>-<model>.json (+ latest.json) and a chart (latest.png);
 see bench/README.md for what each number means.
 """
 
@@ -41,6 +46,8 @@ LOGIT_TOL = 1e-3                  # max |logit difference| / max |reference logi
 # ceiling measurement, ORT, OpenMP); timed without a pause, the next engine shared the cores with them: llorch's
 # TTFT right after the machine measurement was 47-56 ms in 4 rounds, 35 ms in the round where it came first.
 SETTLE_S = 1.0
+BUSY_CORE = (os.cpu_count() or 1) - 1   # the contention scenario's busy core
+BUSY_PREFILL = 128                       # the prompt length prefilled there
 
 
 @dataclass(frozen=True)
@@ -55,26 +62,33 @@ class Settings:
     threads: int
     workdir: str
 
-    def args(self) -> list[str]:
+    def args(self, threads: int | None) -> list[str]:
         return ["--model", self.model, "--seed", str(self.seed), "--workdir", self.workdir,
-                "--threads", str(self.threads)]
+                "--threads", str(threads or "default")]
 
 
-def worker_env(engine: str, threads: int) -> dict[str, str]:
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LLORCH_NUM_THREADS")
+
+
+def worker_env(engine: str, threads: int | None) -> dict[str, str]:
+    """The environment of a worker: the thread variables set to threads, or (None) unset, as a user's are."""
     env = blas_env() if engine == "machine" else dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
+    for var in THREAD_VARS:
+        env.pop(var, None)
+        if threads and var != "LLORCH_NUM_THREADS":
+            env[var] = str(threads)
     return env
 
 
 class Worker:
-    """A bench/worker.py process serving one engine; call() sends a request and waits for the reply."""
+    """A bench/worker.py process serving one engine with `threads` threads (None: the engine's default);
+    call() sends a request and waits for the reply."""
 
-    def __init__(self, engine: str, s: Settings, log) -> None:
+    def __init__(self, engine: str, s: Settings, log, threads: int | None) -> None:
         self.engine = engine
-        self.proc = subprocess.Popen([sys.executable, WORKER, "serve", engine, *s.args()], text=True,
+        self.proc = subprocess.Popen([sys.executable, WORKER, "serve", engine, *s.args(threads)], text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                     env=worker_env(engine, s.threads))
+                                     env=worker_env(engine, threads))
         self._reply()
 
     def _reply(self) -> dict:
@@ -110,7 +124,7 @@ def cold_start(engine: str, s: Settings, log) -> tuple[float, int, int | None]:
     """(seconds from starting a fresh process to its first token, that process's peak RSS in bytes, the
     memory compactions while it ran)."""
     stalls = compaction_stalls()
-    cmd = [sys.executable, WORKER, "cold", engine, *s.args(), "--prompt", str(s.prompt), "--new", str(s.new),
+    cmd = [sys.executable, WORKER, "cold", engine, *s.args(s.threads), "--prompt", str(s.prompt), "--new", str(s.new),
            "--prefill", str(max(s.prefill))]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=log, env=worker_env(engine, s.threads))
@@ -150,17 +164,79 @@ def check_parity(workers: dict[str, Worker], s: Settings) -> dict:
 
 def one_round(name: str, w: Worker, s: Settings, log) -> dict:
     """One sample of every metric of one engine."""
-    g = w.call(op="generate", ids=prompt(s.prompt), n=s.new)
-    t = g["elapsed"]
-    sample = {"ttft_ms": 1e3 * t[0], "decode_tok_s": (len(t) - 1) / (t[-1] - t[0])}
+    t = w.call(op="generate", ids=prompt(s.prompt), n=s.new)["elapsed"]
+    sample = {"ttft_ms": 1e3 * t[0], "decode_tok_s": decode_rate(t)}
+    sample["sampled_decode_tok_s"] = decode_rate(w.call(op="generate", ids=prompt(s.prompt), n=s.new,
+                                                        sampled=True)["elapsed"])
     for T in s.prefill:
         sample[f"prefill_{T}_tok_s"] = T / w.call(op="prefill", ids=prompt(T))["seconds"]
     sample["cold_start_s"], sample["peak_rss_bytes"], sample["compaction_stalls"] = cold_start(name, s, log)
     return sample
 
 
+def decode_rate(elapsed: list[float]) -> float:
+    """Tokens per second after the first (which carries the prompt pass)."""
+    return (len(elapsed) - 1) / (elapsed[-1] - elapsed[0])
+
+
+def busy_round(w: Worker, s: Settings) -> dict:
+    """One sample of the contention metrics of one engine (a core is kept busy meanwhile)."""
+    T = BUSY_PREFILL
+    return {"busy_decode_tok_s": decode_rate(w.call(op="generate", ids=prompt(s.prompt), n=s.new)["elapsed"]),
+            f"busy_prefill_{T}_tok_s": T / w.call(op="prefill", ids=prompt(T))["seconds"]}
+
+
+def busy_loop() -> subprocess.Popen:
+    """Another process keeping the last core busy: a Python loop pinned there."""
+    return subprocess.Popen(["taskset", "-c", str(BUSY_CORE), sys.executable, "-c", "while True: pass"])
+
+
+def contention(names: list[str], s: Settings, log, engine_samples: dict, status: dict) -> dict[str, str]:
+    """The contention rounds: each engine loaded with its default thread count decodes and prefills with
+    BUSY_CORE kept busy; their samples join engine_samples' rounds. Returns the threads each engine used."""
+    workers = {}
+    for name in names:
+        try:
+            say(f"{name}: loading with its default threads")
+            workers[name] = Worker(name, s, log, threads=None)
+        except Exception as e:
+            status[name] = f"{status[name]}; contention skipped: could not load: {e}"
+    threads = {}
+    try:
+        for r in range(s.repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            say(f"contention round {r + 1}/{s.repeats}, core {BUSY_CORE} busy: {' -> '.join(order)}")
+            loop = busy_loop()
+            try:
+                for name in [n for n in order if n in workers]:
+                    time.sleep(SETTLE_S)   # llorch's auto samples the load meanwhile, as any waiting process would
+                    try:
+                        if r == 0:
+                            warm_up(workers[name], s)
+                        sample = busy_round(workers[name], s)
+                        threads[name] = workers[name].call(op="threads")["threads"]
+                    except Exception as e:
+                        status[name] = f"{status[name]}; contention failed in round {r + 1}: {e}"
+                        say(f"{name}: {status[name]}")
+                        workers.pop(name).proc.kill()
+                        continue
+                    round_sample = next((x for x in engine_samples[name] if x["round"] == r), None)
+                    if round_sample is None:
+                        engine_samples[name].append({**sample, "round": r})
+                    else:
+                        round_sample.update(sample)
+            finally:
+                loop.kill()
+                loop.wait()
+    finally:
+        for w in workers.values():
+            w.close()
+    return threads
+
+
 def warm_up(w: Worker, s: Settings) -> None:
     w.call(op="generate", ids=prompt(s.prompt), n=min(8, s.new))
+    w.call(op="generate", ids=prompt(s.prompt), n=min(8, s.new), sampled=True)
     for T in s.prefill:
         w.call(op="prefill", ids=prompt(T))
 
@@ -208,14 +284,14 @@ def main() -> None:
             continue
         try:
             say(f"{name}: loading")
-            workers[name] = Worker(name, s, log)
+            workers[name] = Worker(name, s, log, s.threads)
             status[name] = "ok"
         except Exception as e:
             status[name] = f"skipped: could not load: {e}"
     for name, st in status.items():
         if st != "ok":
             say(f"{name}: {st}")
-    machine = Worker("machine", s, log)
+    machine = Worker("machine", s, log, s.threads)
 
     say("checking logits and greedy tokens against " + " and ".join(r for r in REFERENCES if r in workers))
     parity = check_parity(workers, s)
@@ -245,13 +321,16 @@ def main() -> None:
             engine_samples[name].append({**sample, "round": r})
     for w in [*workers.values(), machine]:
         w.close()
+    running = [name for name in workers if status[name] == "ok"]
+    threads_used = contention(running, s, log, engine_samples, status)
 
     results = report.summarise(
         model=s.model, cost=TokenCost(files.shape), settings=asdict(s), status=status,
         titles={n: ENGINES[n].title for n in names},
         versions={n: versions(n) for n in names if not status[n].startswith("skipped")},
         parity=parity, engine_samples=engine_samples, machine_samples=machine_samples,
-        machine=facts, load={"before": load_before, "rounds": loads, "after": os.getloadavg()})
+        machine=facts, load={"before": load_before, "rounds": loads, "after": os.getloadavg()},
+        contention={"busy_core": BUSY_CORE, "prefill": BUSY_PREFILL, "threads_used": threads_used})
     print(report.table(results))
     out_dir = os.path.join(BENCH, "results", "quick") if args.quick else os.path.join(BENCH, "results")
     paths = report.save(results, out_dir, datetime.date.today().isoformat())

@@ -1,8 +1,11 @@
 """One engine (or the machine's ceilings) in its own process, driven by bench/run.py.
 
-    python bench/worker.py serve ENGINE --model gpt2 --workdir DIR --threads 2
-        loads ENGINE once, then answers one JSON request per stdin line with one JSON line on stdout:
+    python bench/worker.py serve ENGINE --model gpt2 --workdir DIR --threads 2|default
+        loads ENGINE once (--threads default: with the engine's own default thread count), then answers one
+        JSON request per stdin line with one JSON line on stdout:
         {"op": "generate", "ids": [...], "n": 128}  -> {"tokens": [...], "elapsed": [s after the call, per token]}
+            ("sampled": true: temperature 0.8, top-p 0.95, the engine's sampler)
+        {"op": "threads"}                           -> {"threads": "what the engine computes with"}
         {"op": "prefill", "ids": [...]}             -> {"seconds": ...}
         {"op": "logits", "ids": [...], "path": P}   -> {} and the last-position logits saved to P (.npy)
         {"op": "measure"}                           -> the machine's sgemm and read bandwidth (ENGINE "machine")
@@ -66,7 +69,7 @@ def serve(args, reply) -> None:
             op = req["op"]
             if op == "generate":
                 t0 = time.perf_counter()
-                tokens, times = engine.generate(req["ids"], req["n"])
+                tokens, times = engine.generate(req["ids"], req["n"], sampled=req.get("sampled", False))
                 reply({"tokens": tokens, "elapsed": [t - t0 for t in times]})
             elif op == "prefill":
                 t0 = time.perf_counter()
@@ -75,6 +78,8 @@ def serve(args, reply) -> None:
             elif op == "logits":
                 np.save(req["path"], np.asarray(engine.prefill(req["ids"]), dtype=np.float32))
                 reply({})
+            elif op == "threads":
+                reply({"threads": engine.threads()})
             elif op == "measure":
                 reply(engine.measure())
             else:
@@ -100,7 +105,7 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", required=True)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=lambda v: None if v == "default" else int(v), default=2)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)

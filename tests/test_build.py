@@ -5,6 +5,7 @@
 - every SIMD path agrees with the best one on a real forward pass, within the logits checkpoint tolerance;
 - LLORCH_SIMD and LLORCH_NUM_THREADS work at import (subprocesses), bad values warn and change nothing;
 - logits are bitwise identical for 1, 2, 3 and 4 threads (prompt pass and decode step), tiny / odd / gpt2 shapes.
+The automatic thread count (llorch.runtime) is tested in test_threads.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 import llorch
 from llorch import _kernels as K
+from llorch.runtime import thread_setting
 from llorch.testing import make_checkpoint
 from llorch.trace import BY_NAME
 
@@ -44,9 +46,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def restore_runtime():
     """Tests change the thread count and the SIMD path of this process: put both back."""
-    threads, simd = K.max_threads(), K.simd_selected()
+    threads, simd = thread_setting(), K.simd_selected()
     yield
-    K.set_num_threads(threads)
+    llorch.set_num_threads(threads)
     K.select_simd(simd)
 
 
@@ -134,8 +136,21 @@ def test_thread_count_from_environment(env, threads):
 
 def test_invalid_llorch_num_threads_warns():
     done = run_python(INFO, LLORCH_NUM_THREADS="abc", OMP_NUM_THREADS="1")
-    assert done.stderr == "llorch: warning: LLORCH_NUM_THREADS='abc' ignored: expected a positive integer\n"
-    assert json.loads(done.stdout)["max_threads"] == 1
+    assert done.stderr == "llorch: warning: LLORCH_NUM_THREADS='abc' ignored: expected a positive integer or \"auto\"\n"
+    info = json.loads(done.stdout)
+    assert (info["max_threads"], info["threads_mode"], info["threads_source"]) == (1, "fixed", "OMP_NUM_THREADS")
+
+
+@pytest.mark.parametrize("env, mode, source", [
+    ({}, "auto", "auto"),                                                 # nothing fixes the count: auto
+    ({"LLORCH_NUM_THREADS": "auto", "OMP_NUM_THREADS": "1"}, "auto", "auto"),   # auto beats OpenMP's variable
+    ({"LLORCH_NUM_THREADS": "1"}, "fixed", "LLORCH_NUM_THREADS"),
+    ({"OMP_NUM_THREADS": "1"}, "fixed", "OMP_NUM_THREADS"),
+])
+def test_thread_mode_from_environment(env, mode, source):
+    info = json.loads(run_python(INFO, **env).stdout)
+    assert (info["threads_mode"], info["threads_source"]) == (mode, source)
+    assert info["threads"] == (info["threads_ceiling"] if mode == "auto" else 1) == info["max_threads"]
 
 
 @pytest.mark.parametrize("shape", ["tiny", "odd", "gpt2"])

@@ -197,8 +197,11 @@ def test_threads_option_wins_over_the_environment_and_changes_no_token(tiny):
     env = {"LLORCH_NUM_THREADS": "2"}
     assert json.loads(run_cli("--build-info", env=env)[1])["max_threads"] == 2
     assert json.loads(run_cli("--build-info", "--threads", 1, env=env)[1])["max_threads"] == 1
+    auto = json.loads(run_cli("--build-info", "--threads", "auto", env=env)[1])
+    assert (auto["threads_mode"], auto["threads"]) == ("auto", auto["threads_ceiling"])
     assert (untimed(run_json("-m", tiny, "-p", PROMPT, "--threads", 1, env=env))
-            == untimed(run_json("-m", tiny, "-p", PROMPT, env=env)))
+            == untimed(run_json("-m", tiny, "-p", PROMPT, env=env))
+            == untimed(run_json("-m", tiny, "-p", PROMPT, "--threads", "auto", env=env)))
 
 
 def test_prompt_from_file_stdin_and_ids_equals_prompt_option(tiny, tmp_path):
@@ -312,7 +315,7 @@ BAD_INPUTS = {
     "prompt ids not numbers": (["-m", "{tiny}", "--prompt-ids", "1,two"], "'two' is not a token id"),
     "prompt id outside vocab": (["-m", "{tiny}", "--prompt-ids", "1,50257"], "token id 50257 is outside"),
     "two prompt sources": (["-m", "{tiny}", "-p", "Hi", "--prompt-ids", "1"], "not allowed with argument"),
-    "threads 0": (["-m", "{tiny}", "-p", "Hi", "--threads", 0], "--threads: expected an integer >= 1"),
+    "threads 0": (["-m", "{tiny}", "-p", "Hi", "--threads", 0], "--threads: expected an integer >= 1 or \"auto\", got '0'"),
     "empty stop string": (["-m", "{tiny}", "-p", "Hi", "--stop", ""], "stop strings must not be empty"),
     "draft while sampling": (["-m", "{tiny}", "-p", "Hi", "--draft", "lookup", "--temperature", 0.8],
                              'draft="lookup" needs greedy decoding'),

@@ -67,6 +67,7 @@ def test_metrics_move_as_requests_run(daemon):
     assert moved("llorch:http_requests_total", ("route", "/metrics"), ("status", "200")) == 1   # the first scrape
     assert after[("llorch:num_requests_running",)] == after[("llorch:num_requests_waiting",)] == 0
     assert after[("llorch:kv_cache_usage_bytes",)] == 0
+    assert after[("llorch:kernel_threads",)] == 1   # the daemon's --threads 1
 
 
 def test_running_jobs_and_their_kv_caches_are_visible(daemon):

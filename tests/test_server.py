@@ -26,6 +26,7 @@ import llorch
 from llorch.logits import LogitsProcessor
 from llorch.sampling import Sampler
 from llorch.config import GPT2Config
+from llorch.runtime import thread_setting
 from llorch.testing import make_checkpoint
 
 httpx = pytest.importorskip("httpx")       # the server extra (and the test extra, which includes it)
@@ -219,7 +220,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_path):
-    threads = llorch.build_info()["max_threads"]
+    threads = thread_setting()
     llorch.set_num_threads(1)
     yield llorch.load(model_path)
     llorch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import llorch
-from llorch.console import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, token_ids
+from llorch.console import EXIT_INTERRUPTED, ArgumentParser, int_at_least, internal_error, thread_count, token_ids
 from llorch.generate import DRAFTS, NonFiniteError, Session, check_draft, run as run_session
 from llorch.hub import resolve_model
 from llorch.runtime import threads_beyond_cpus, warn
@@ -53,8 +53,9 @@ gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, openai-community/...) looked up in
 installed (pip install 'llorch[hub]') and HF_HUB_OFFLINE is unset. Offline, a seeded random checkpoint at
 GPT-2's shape: python -m llorch.testing gpt2 /tmp/gpt2-random, then -m /tmp/gpt2-random.
 
-threads: --threads, else LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else all cores; more than the CPUs
-available warns.
+threads: --threads N, else LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else auto (also --threads auto): the CPUs
+this process may use (affinity, cgroup quota) minus those other processes keep busy, checked a few times a
+second; the output is the same for any count. More than the CPUs available warns.
 exit codes: 0 done, 2 bad input (one line on stderr; a model whose activations overflow into non-finite
 logits too), 1 internal error (LLORCH_DEBUG=1 shows the traceback), 130 interrupted.
 """
@@ -78,7 +79,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--draft", choices=DRAFTS,
                         help="greedy only: draft tokens by looking the last words up in the text so far, and "
                              "verify them in one pass (same tokens, faster where the text repeats itself)")
-    parser.add_argument("--threads", type=int_at_least(1), metavar="N", help="threads for the kernels")
+    parser.add_argument("--threads", type=thread_count, metavar="N|auto",
+                        help="threads for the kernels (default: auto, see below)")
     parser.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
                         help="stop before this text (repeatable)")
     parser.add_argument("--special", action="store_true", help='read "<|endoftext|>" in the prompt as token 50256')
@@ -213,7 +215,7 @@ def write_stdout(text: str) -> None:
 
 def run(args: argparse.Namespace, parser: ArgumentParser) -> int:
     if args.threads:
-        if (too_many := threads_beyond_cpus(args.threads)) is not None:
+        if args.threads != "auto" and (too_many := threads_beyond_cpus(args.threads)) is not None:
             warn(f"--threads {args.threads} {too_many}", PROG)
         llorch.set_num_threads(args.threads)
     if args.build_info:

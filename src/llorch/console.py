@@ -31,6 +31,16 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def thread_count(value: str) -> int | str:
+    """An argparse type for --threads: "auto" or an integer >= 1."""
+    if value == "auto":
+        return value
+    try:
+        return int_at_least(1)(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 1 or "auto", got {value!r}') from None
+
+
 def token_ids(value: str) -> list[int]:
     """--prompt-ids: comma-separated ids of GPT-2's vocabulary."""
     vocab = tokenizer().n_vocab

@@ -14,6 +14,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
+from .runtime import kernel_threads
 from .scheduler import JobEnded, JobEvent, JobFailed, JobStarted, TokenReleased
 
 # seconds; from a tiny model's sub-millisecond tokens to a long prompt queued behind a full batch
@@ -38,6 +39,8 @@ class Metrics:
         Gauge("llorch:kv_cache_usage_bytes", "Bytes reserved by the KV caches of the jobs in the batch (full "
               "size; only the written positions are resident).", registry=registry).set_function(kv_cache_bytes)
         registry.register(DraftCounters(drafts))
+        Gauge("llorch:kernel_threads", "Threads the kernels run with: the fixed count, or auto's latest choice.",
+              registry=registry).set_function(kernel_threads)
         self.prompt_tokens = Counter("llorch:prompt_tokens", "Prompt tokens prefilled.", registry=registry)
         self.generation_tokens = Counter("llorch:generation_tokens", "Tokens generated.", registry=registry)
         self.requests = Counter("llorch:http_requests", "HTTP requests answered, by route and status.",

@@ -21,6 +21,7 @@ from . import _kernels as K
 from . import weight_cache
 from .checkpoint import load_weights, resolve_weight_files
 from .config import GPT2Config
+from .runtime import threads_for_pass
 from .trace import NULL_TRACER, Tracer
 from .weights import Block, Progress, Weights, prepared_shapes
 
@@ -195,6 +196,7 @@ class GPT2:
         Returns logits for every row of each segment whose all_logits is true and for the last row of the
         others; a workspace view, valid until the next call. A tracer (not NULL_TRACER) comes with one
         segment only."""
+        threads_for_pass()   # the thread count, on this thread: fixed, or auto's choice (llorch.runtime)
         cfg, w = self.config, self.weights
         T = sum(ids.size for ids, _, _ in segments)
         rows = []                            # each segment's rows in the stacked activations

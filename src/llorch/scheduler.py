@@ -38,7 +38,7 @@ from .generate import DRAFTS, LookupDrafter, NonFiniteError, Session, Step, Stop
 from .logits import LogitsProcessor, TopLogprobs
 from .model import GPT2, PREFILL_ROWS
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
-from .runtime import build_info, configure_from_env, set_num_threads
+from .runtime import build_info, set_num_threads
 from .sampling import Sampler
 
 log = logging.getLogger("llorch.scheduler")
@@ -187,7 +187,7 @@ class Scheduler:
     whose next block another prefilling job is computing waits for it and copies it."""
 
     def __init__(self, load_model: Callable[[], GPT2], *, max_batch: int, max_queue: int,
-                 threads: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
+                 threads: int | str | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, draft: str | None = "lookup") -> None:
         if max_batch < 1 or max_queue < 0 or step_tokens < 1:
             raise ValueError(f"max_batch and step_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
@@ -290,8 +290,7 @@ class Scheduler:
     # ---- the scheduler thread ----
 
     def _serve(self) -> None:
-        # OpenMP's thread count is per thread: set it on the thread that runs the kernels
-        configure_from_env()
+        # the thread count applies to every pass whichever thread runs it (llorch.runtime)
         if self._threads:
             set_num_threads(self._threads)
         self.build_info = build_info()

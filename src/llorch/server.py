@@ -35,7 +35,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import numpy as np
 
 import llorch
-from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser
+from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser, thread_count
 from llorch.generate import DRAFTS, StopReason
 from llorch.hub import resolve_model
 from llorch.logits import LogitsProcessor, TopLogprobs
@@ -374,9 +374,10 @@ class Worker:
             return
         build = self.scheduler.build_info
         log.info("model %s loaded (%.1f MB), serving %s as worker %s, max batch %d, max queue %d, "
-                 "draft %s, %d threads, SIMD %s", self.model_ref, model.weight_bytes / 1e6, self.uri, self.worker_id,
-                 self.scheduler.max_batch, self.scheduler.max_queue, self.scheduler.draft or "none",
-                 build["max_threads"], build["simd_selected"])
+                 "draft %s, %d threads%s, SIMD %s", self.model_ref, model.weight_bytes / 1e6, self.uri, self.worker_id,
+                 self.scheduler.max_batch, self.scheduler.max_queue, self.scheduler.draft or "none", build["threads"],
+                 f" (auto, at most {build['threads_ceiling']})" if build["threads_mode"] == "auto" else "",
+                 build["simd_selected"])
         if self.callback_url:
             await self.announce()
 
@@ -927,8 +928,9 @@ def build_parser() -> ArgumentParser:
                           "slower connections are closed (default: 10)")
     security.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
                           help="idle time after which a kept-alive connection is closed (default: 5)")
-    parser.add_argument("--threads", type=int, help="kernel threads (default: LLORCH_NUM_THREADS, "
-                        "OMP_NUM_THREADS, all cores)")
+    parser.add_argument("--threads", type=thread_count, metavar="N|auto", help="kernel threads (default: "
+                        "LLORCH_NUM_THREADS, else OMP_NUM_THREADS, else auto: the CPUs this process may use minus "
+                        "those other processes keep busy, checked a few times a second)")
     parser.add_argument("--max-batch", type=int, default=8, help="jobs decoded together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64, help="jobs waiting beyond those; more get 503 "
                         "(default: 64)")
@@ -1061,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if MISSING_EXTRA:
         parser.error(f"the server extra is not installed ({MISSING_EXTRA} is missing): pip install 'llorch[server]'")
-    for name, value, low in (("--port", args.port, 1), ("--threads", args.threads or 1, 1),
+    for name, value, low in (("--port", args.port, 1),
                              ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--max-connections", args.max_connections, 1),
                              ("--step-tokens", args.step_tokens, 1), ("--cache-bytes", args.cache_bytes, 0)):
@@ -1079,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.api_key:
         log.warning("--api-key is visible to every local user (ps, /proc): prefer --api-key-file or LLORCH_API_KEY")
-    if args.threads and (too_many := threads_beyond_cpus(args.threads)) is not None:
+    if args.threads not in (None, "auto") and (too_many := threads_beyond_cpus(args.threads)) is not None:
         log.warning("--threads %d %s", args.threads, too_many)
 
     worker = Worker(args)
