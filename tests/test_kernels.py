@@ -464,12 +464,29 @@ def test_rows_independent_of_batch(simd):
            "layernorm": (lambda o, r: K.layernorm(o, r, w[:, 0].copy(), b[:C].copy(), 1e-5), C),
            "lm_head": (lambda o, r: K.lm_head(o, r, wte), V)}
     for name, (run, width) in ops.items():
-        batch = empty(T, width)
-        run(batch, x)
-        for t in range(T):
-            alone = empty(1, width)
-            run(alone, x[t:t + 1])
-            assert_bitwise(alone[0], batch[t], f"{name} row {t}")
+        assert_rows_alone(name, run, x, width)
+
+
+def assert_rows_alone(name, run, x, width):
+    """run(out, rows) on all rows of x at once gives each row the bits it gets alone."""
+    batch = empty(x.shape[0], width)
+    run(batch, x)
+    for t in range(x.shape[0]):
+        alone = empty(1, width)
+        run(alone, x[t:t + 1])
+        assert_bitwise(alone[0], batch[t], f"{name} row {t} of {x.shape[0]}")
+
+
+@pytest.mark.parametrize("T", range(2, 17))
+def test_small_batches_rows_equal_rows_alone(simd, T):
+    """A decode batch of 2..16 rows (the GEMM's row blocks, evened out, and the lm_head's tiles): each row is
+    bitwise the row computed alone, at GPT-2's C and over several panels."""
+    rng = np.random.default_rng(T)
+    C, OC, V = 768, 3 * K.PANEL + 5, 200
+    x, wp, b, wte = randn(rng, T, C), packed(randn(rng, C, OC)), randn(rng, OC), randn(rng, V, C)
+    for name, run, width in (("linear_packed", lambda o, r: K.linear_packed(o, r, wp, b), OC),
+                             ("lm_head", lambda o, r: K.lm_head(o, r, wte), V)):
+        assert_rows_alone(name, run, x, width)
 
 
 def test_attention_prefill_equals_decode(simd):
