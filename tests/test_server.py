@@ -274,13 +274,19 @@ def test_tokens_are_streamed_as_they_are_produced(daemon, model):
     assert end_at - first_token_at > 0.5 * (end_at - sent), (sent, first_token_at, end_at)
 
 
-def test_greedy_output_is_the_same_alone_or_batched_with_seven_others(daemon, model):
+def test_greedy_output_is_the_same_alone_or_batched_with_seven_others(model_path, model, tmp_path):
+    # without drafts: a job alone (or with 3 others) would draft and could end before the last one starts
+    # (drafting against plain decoding: test_speculative_daemon.py)
+    daemon = Daemon(model_path, tmp_path / "daemon.log", "--max-batch", "8", "--draft", "none")
     prompts = [f"Prompt number {i} says" + " more" * i for i in range(8)]
     lengths = [60 + 17 * i for i in range(8)]   # jobs leave the batch at different steps
-    alone = [execute(daemon.url, job(f"alone-{i}", p, n)) for i, (p, n) in enumerate(zip(prompts, lengths))]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        batched = list(pool.map(lambda i: execute(daemon.url, job(f"batched-{i}", prompts[i], lengths[i])),
-                                range(8)))
+    try:
+        alone = [execute(daemon.url, job(f"alone-{i}", p, n)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            batched = list(pool.map(lambda i: execute(daemon.url, job(f"batched-{i}", prompts[i], lengths[i])),
+                                    range(8)))
+    finally:
+        assert daemon.stop() == 0
     for i in range(8):
         assert [t["t"] for t in batched[i].tokens] == [t["t"] for t in alone[i].tokens], i
         assert batched[i].text == greedy_text(model, prompts[i], lengths[i])
