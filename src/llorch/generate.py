@@ -142,6 +142,7 @@ class Session:
 DRAFT_NGRAMS = (3, 2)
 DRAFT_TOKENS_FIRST, DRAFT_TOKENS_MAX = 4, 16
 DRAFTS = ("lookup",)
+DRAFT_CHOICES = (*DRAFTS, "none")   # what --draft takes (llorch-cpud, llorch-serve): a drafter, or none
 
 
 def lookup_draft(sequence: np.ndarray, limit: int) -> list[int]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 
 from llorch import server
 from llorch.console import EXIT_INTERRUPTED, ArgumentParser, internal_error
-from llorch.generate import DRAFTS
+from llorch.generate import DRAFT_CHOICES
 from llorch.scheduler import FailureCode
 
 try:
@@ -108,8 +108,8 @@ class Options:
             value = getattr(self, name)
             if value is not None and (value <= low if strict else value < low):
                 raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
-        if self.draft not in (*DRAFTS, "none"):
-            raise ValueError(f"draft must be one of {', '.join((*DRAFTS, 'none'))}, got {self.draft!r}")
+        if self.draft not in DRAFT_CHOICES:
+            raise ValueError(f"draft must be one of {', '.join(DRAFT_CHOICES)}, got {self.draft!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -455,7 +455,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--public-url", help="the uri announced, whose host the replicas accept in Host headers "
                         "(default: http://HOST:PORT)")
     server.add_guard_arguments(parser)   # enforced by each replica's guard, as llorch-cpud's
-    parser.add_argument("--draft", choices=[*DRAFTS, "none"], default="lookup",
+    parser.add_argument("--draft", choices=DRAFT_CHOICES, default="lookup",
                         help="as llorch-cpud's: lookup drafting of greedy jobs (exact), or none (default: lookup)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return parser

@@ -36,7 +36,7 @@ import numpy as np
 
 import llorch
 from llorch.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ArgumentParser, thread_count
-from llorch.generate import DRAFTS, StopReason
+from llorch.generate import DRAFT_CHOICES, StopReason
 from llorch.hub import resolve_model
 from llorch.logits import LogitsProcessor, TopLogprobs
 from llorch.runtime import threads_beyond_cpus
@@ -938,7 +938,7 @@ def build_parser() -> ArgumentParser:
                         help=f"prompt rows per scheduler step, beside the decode rows (default: {DEFAULT_STEP_TOKENS})")
     parser.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
                         help=f"prefix cache size in bytes, 0 for none (default: {DEFAULT_CACHE_BYTES})")
-    parser.add_argument("--draft", choices=[*DRAFTS, "none"], default="lookup",
+    parser.add_argument("--draft", choices=DRAFT_CHOICES, default="lookup",
                         help="exact speculative decoding of greedy jobs while few jobs decode: lookup drafts tokens "
                              "by finding the last words earlier in the prompt and output; the tokens are the same "
                              "either way (default: lookup)")
