@@ -10,6 +10,7 @@ Both are keyed by their arguments, so tests that ask for the same checkpoint or 
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -32,20 +33,29 @@ def trained_checkpoint() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def weight_cache_in_a_temporary_directory(tmp_path_factory):
-    """Loads during the tests (subprocesses too) cache their prepared weights here, not in ~/.cache."""
+    """Loads during the tests (subprocesses too) cache their prepared weights here, not in ~/.cache, and
+    within 2 GB (gpt2-medium's and 124M's), so the suite's many checkpoints do not fill the disk."""
     os.environ["LLORCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("weight-cache"))
+    os.environ["LLORCH_CACHE_MAX_GB"] = "2"
 
 
 def _options_key(options: dict) -> tuple:
     return tuple(sorted(options.items()))
 
 
+_CHECKPOINT_DEFAULTS = {name: p.default for name, p in inspect.signature(make_checkpoint).parameters.items()
+                        if p.kind is p.KEYWORD_ONLY}
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """checkpoint(shape="tiny", **make_checkpoint options) -> path; seed 0 unless given."""
+    """checkpoint(shape="tiny", **make_checkpoint options) -> path; seed 0 unless given. Options equal to
+    make_checkpoint's defaults are dropped, so checkpoint("gpt2") and checkpoint("gpt2", variant="normal")
+    are one directory."""
     made: dict[tuple, str] = {}
 
     def make(shape: str = "tiny", **options) -> str:
+        options = {k: v for k, v in options.items() if _CHECKPOINT_DEFAULTS.get(k, object()) != v}
         key = (shape, _options_key(options))
         if key not in made:
             label = "-".join([shape] + [f"{k}={v}" for k, v in sorted(options.items())])

@@ -22,25 +22,12 @@ import pytest
 import llorch
 from llorch import _kernels as K
 from llorch.runtime import thread_setting
-from llorch.testing import make_checkpoint
 from llorch.trace import BY_NAME
 
 SUPPORTED = K.simd_supported().split()
 BEST = SUPPORTED[0]
 LOGITS_TOL = BY_NAME["logits"]   # max|ours - ref| <= atol + rtol * max|ref|
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]   # 10 tokens
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """checkpoint(shape) -> directory of a seeded random checkpoint, written once per module."""
-    made: dict[str, str] = {}
-
-    def get(shape: str) -> str:
-        if shape not in made:
-            made[shape] = make_checkpoint(tmp_path_factory.mktemp(shape), shape, seed=0)
-        return made[shape]
-    return get
 
 
 @pytest.fixture

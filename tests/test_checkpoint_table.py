@@ -182,12 +182,8 @@ class PassTracer(Tracer):
 
 
 @pytest.fixture(scope="module")
-def hf_trace(tmp_path_factory) -> PassTracer:
-    reference_class = _hf_reference_class()
-    testing = pytest.importorskip("llorch.testing")
-    directory = str(tmp_path_factory.mktemp("gpt2-124m"))
-    path = testing.make_checkpoint(directory, "gpt2", seed=1234)
-    reference = reference_class(path if isinstance(path, (str, os.PathLike)) else directory)
+def hf_trace(checkpoint) -> PassTracer:
+    reference = _hf_reference_class()(checkpoint("gpt2"))
     tracer = PassTracer()
     tracer.current = "prompt"
     logits = np.asarray(reference.forward(HELLO, start_pos=0, tracer=tracer))

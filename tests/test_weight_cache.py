@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -177,3 +178,51 @@ def test_the_first_load_reports_each_tensor_prepared_and_cached(checkpoint, cach
     reports.clear()
     np.testing.assert_array_equal(logits(llorch.load(path, progress=reports.append)), logits(model))
     assert reports == []   # a load from the cache is quick: nothing to report
+
+
+def mapped(path: str) -> bool:
+    return llorch.weights.mapped_file(llorch.load(path).weights.wte) is not None
+
+
+def test_the_cache_keeps_within_its_limit_by_evicting_the_least_recently_used(tmp_path, cache_dir, monkeypatch):
+    paths = [make_checkpoint(tmp_path / name, "tiny", seed=seed) for seed, name in enumerate("abc")]
+    llorch.load(paths[0])
+    [first] = cached_files(cache_dir)
+    one_file = (cache_dir / first).stat().st_size
+    monkeypatch.setenv("LLORCH_CACHE_MAX_GB", str(2.5 * one_file / 1e9))   # room for two
+    llorch.load(paths[1])
+    assert mapped(paths[0])                       # a read: a is now used more recently than b
+    llorch.load(paths[2])                         # the third file evicts b, the least recently used
+    assert len(cached_files(cache_dir)) == 2
+    assert mapped(paths[0]) and mapped(paths[2])
+    assert not mapped(paths[1])                   # b is prepared again (and cached, evicting a)
+
+
+def test_a_checkpoint_larger_than_the_limit_is_not_cached_and_evicts_nothing(tmp_path, cache_dir, monkeypatch):
+    small = make_checkpoint(tmp_path / "small", "tiny", seed=1)
+    llorch.load(small)
+    size = (cache_dir / cached_files(cache_dir)[0]).stat().st_size
+    monkeypatch.setenv("LLORCH_CACHE_MAX_GB", str(1.5 * size / 1e9))
+    large = make_checkpoint(tmp_path / "large", "odd", seed=1)   # its prepared weights exceed 1.5 tiny ones
+    want = logits(llorch.load(large))
+    np.testing.assert_array_equal(logits(llorch.load(large)), want)
+    assert not mapped(large)
+    assert mapped(small)
+
+
+def test_no_cache_file_is_written_that_would_leave_the_disk_short(checkpoint, cache_dir, monkeypatch):
+    llorch.load(checkpoint("odd"))
+    before = cached_files(cache_dir)
+    # Even with every cached file evicted, any new file would leave less than this free.
+    reserve = shutil.disk_usage(cache_dir).free + sum((cache_dir / name).stat().st_size for name in before)
+    monkeypatch.setattr(weight_cache, "DISK_RESERVE_BYTES", reserve)
+    path = checkpoint("tiny")
+    assert not mapped(path) and not mapped(path)
+    assert cached_files(cache_dir) == before      # nothing evicted for a write that could not happen
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan"])
+def test_a_malformed_cache_limit_is_a_clear_error(checkpoint, cache_dir, monkeypatch, value):
+    monkeypatch.setenv("LLORCH_CACHE_MAX_GB", value)
+    with pytest.raises(llorch.CheckpointError, match="LLORCH_CACHE_MAX_GB"):
+        llorch.load(checkpoint("tiny"))

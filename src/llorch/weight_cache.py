@@ -16,6 +16,11 @@ one file per checkpoint location. Files are written under a temporary name
 the weights again. A write that fails or is interrupted (Ctrl-C too) removes its partial file; one left by a
 killed process is swept by the next write: when its writer's pid is dead, or when it has not been written
 to for STALE_PARTIAL_SECONDS (its pid may have been reused, or it was written on another machine).
+
+The cache is bounded, so that checkpoints that come and go (a directory of experiments, a test suite) never
+fill the disk: before a write, the least recently used files (a read marks its file used) are removed until
+the new one fits within $LLORCH_CACHE_MAX_GB (DEFAULT_MAX_GB), and no file is written that would leave
+less than DISK_RESERVE_BYTES free on its file system.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +42,8 @@ from .weights import Progress
 
 PARTIAL_SUFFIX = ".partial"
 STALE_PARTIAL_SECONDS = 3600
+DEFAULT_MAX_GB = 16.0            # gpt2-xl's prepared weights (6.2 GB) and then some
+DISK_RESERVE_BYTES = 2 << 30     # a cache file is worth less than the room other programs need
 
 # A probe weight [C, OC] spanning two full panels and a narrower last one: any change to the packing
 # (panel width, order within a panel, the ragged tail) moves some of its values.
@@ -66,11 +74,25 @@ def cache_dir() -> str | None:
     return os.path.join(base, "llorch")
 
 
+def max_bytes() -> int:
+    """The cache's size limit: $LLORCH_CACHE_MAX_GB (decimal gigabytes, may be fractional), else DEFAULT_MAX_GB.
+    A value that is not a non-negative number raises CheckpointError naming the variable."""
+    text = os.environ.get("LLORCH_CACHE_MAX_GB", "").strip()
+    try:
+        gigabytes = float(text) if text else DEFAULT_MAX_GB
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes >= 0:   # also refuses nan
+        raise CheckpointError(f"LLORCH_CACHE_MAX_GB must be a number of gigabytes >= 0, not {text!r}")
+    return int(gigabytes * 1e9)
+
+
 def cache_file(config_path: str, weight_files: list[str]) -> str | None:
     """The cache file for this checkpoint (it may not exist yet), or None when caching is off."""
     directory = cache_dir()
     if directory is None:
         return None
+    max_bytes()   # a malformed limit is said at every load, not only at the one that writes
     place = hashlib.sha256("\n".join(os.path.realpath(p) for p in [config_path, *weight_files]).encode())
     state = hashlib.sha256(f"llorch prepared weights, layout {_layout()}\n".encode())
     try:
@@ -96,6 +118,7 @@ def read(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]
     if cached.header.keys() != shapes.keys() or any(
             entry["dtype"] != "F32" or tuple(entry["shape"]) != shapes[name] for name, entry in cached.header.items()):
         return None
+    _touch(path)   # used now: the last to be evicted
     return {name: cached.tensor(name) for name in shapes}
 
 
@@ -103,14 +126,17 @@ def write(path: str, tensors: dict[str, np.ndarray], progress: Progress | None =
     """Store tensors at path, best effort: any OS error (read-only directory, full disk) leaves no file, and
     any other exception (KeyboardInterrupt too) leaves none before it propagates.
     progress, if given, hears of each tensor written (stage "caching the prepared weights")."""
+    data_bytes = sum(t.nbytes for _, t in tensors.items())
     written = None
     if progress is not None:
-        total = sum(t.nbytes for t in tensors.values())
-        written = lambda done: progress("caching the prepared weights", done, total)   # noqa: E731
+        written = lambda done: progress("caching the prepared weights", done, data_bytes)   # noqa: E731
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
         sweep_stale_partials(directory)
+        _remove_earlier_versions(path)
+        if not make_room(directory, data_bytes + 128 * len(tensors) + 8):   # the header is a few KB at most
+            return
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=f"writer-{os.getpid()}-", suffix=PARTIAL_SUFFIX)
     except OSError:
         return
@@ -118,15 +144,50 @@ def write(path: str, tensors: dict[str, np.ndarray], progress: Progress | None =
         os.close(fd)
         write_safetensors(temporary, tensors, written=written)
         os.replace(temporary, path)
+        _touch(path)
     except OSError:
         return
     finally:
         _remove(temporary)   # gone already after the rename
-    # Earlier versions of the same checkpoint (same place, other state) will never be read again.
-    place, name = os.path.basename(path).split("-")[0], os.path.basename(path)
+
+
+def _remove_earlier_versions(path: str) -> None:
+    """Remove the cache files of the same checkpoint location (same place hash, other state): they will never
+    be read again."""
+    directory, name = os.path.dirname(path), os.path.basename(path)
+    place = name.split("-")[0]
     for other in os.listdir(directory):
         if other.startswith(place + "-") and other.endswith(".safetensors") and other != name:
             _remove(os.path.join(directory, other))
+
+
+def make_room(directory: str, size: int) -> bool:
+    """Make room for a cache file of `size` bytes: within max_bytes() in all, leaving DISK_RESERVE_BYTES free
+    on the disk. Removes the least recently used files that must go, and only if that makes room; whether
+    there is room."""
+    entries = []
+    for name in os.listdir(directory):
+        try:
+            st = os.stat(os.path.join(directory, name))
+        except OSError:   # removed by another writer meanwhile
+            continue
+        if name.endswith(".safetensors"):
+            entries.append((st.st_mtime, st.st_size, name))
+    total = sum(bytes_ for _, bytes_, _ in entries)
+    free = shutil.disk_usage(directory).free
+    limit = max_bytes()
+    evicted = []
+    for _, bytes_, name in sorted(entries):   # oldest use first
+        if total + size <= limit and free - size >= DISK_RESERVE_BYTES:
+            break
+        evicted.append(name)
+        total -= bytes_
+        free += bytes_
+    if total + size > limit or free - size < DISK_RESERVE_BYTES:
+        return False
+    for name in evicted:
+        _remove(os.path.join(directory, name))
+    return True
 
 
 def sweep_stale_partials(directory: str) -> None:
@@ -156,6 +217,16 @@ def _writer_alive(partial_name: str) -> bool:
     except (ProcessLookupError, OverflowError):   # no such process; no such pid on this platform
         return False
     return True
+
+
+def _touch(path: str) -> None:
+    """Mark path used now, at the clock's full resolution (the file system's own stamps come from a coarse
+    clock, which would tie loads a few milliseconds apart)."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now))
+    except OSError:   # a read-only cache still serves
+        pass
 
 
 def _remove(path: str) -> None:
