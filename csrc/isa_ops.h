@@ -19,6 +19,7 @@ LL_OPS(LL_ISA_DECLARE)
 #include "ops/decode_attention.inc"
 #include "ops/lm_head.inc"
 #include "ops/argmax.inc"
+#include "ops/sampling.inc"
 
 #define LL_ENTRY(ret, name, ...) .name = LL_FN(name),
 const ll_kernels LL_CAT(ll_kernels, LL_ISA) = {

@@ -68,7 +68,19 @@
     X(void, lm_head, (float*, logits), (const float*, inp), (const float*, wte), (int, T), (int, C),  \
       (int, V))                                                                                       \
     /* index of the largest of x [N], N >= 1, the first one on ties; NaN never wins (all NaN: 0) */    \
-    X(int, argmax, (const float*, x), (int, N))
+    X(int, argmax, (const float*, x), (int, N))                                                       \
+    /* Sampling (most likely first: logits [V] descending, ties lower id first; logits finite or      \
+     * -inf; weights [V] float64 >= 0; scratch int32 [V]). top_k: ids [V] receives, in id order, the   \
+     * ids at least as likely as the k-th (1 <= k <= V; ties with it kept); returns their count */    \
+    X(int, top_k, (const float*, logits), (int, V), (int, k), (int32_t*, ids))                       \
+    /* keep_top_p: weights set to 0 but for the shortest most-likely-first prefix whose weights sum   \
+     * to at least mass (> 0); unchanged if all together fall short */                                 \
+    X(void, keep_top_p, (const float*, logits), (double*, weights), (int, V), (double, mass),         \
+      (int32_t*, scratch))                                                                            \
+    /* draw: among the ids whose weight is at least floor (> 0; others count as 0), the first in id   \
+     * order whose running sum of weights [V] exceeds u * their sum, u in [0, 1), the sum > 0: id i    \
+     * is drawn with probability weights[i] / sum */                                                   \
+    X(int, draw, (const double*, weights), (int, V), (double, floor), (double, u))
 
 /* How the list is spelled out: LL_PARAMS((float*, out), (int, T)) is `float* out, int T`, LL_ARGS(...)
  * is `out, T` (up to 12 parameters). */

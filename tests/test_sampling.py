@@ -7,6 +7,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
 
 import llorch
+from llorch import _kernels as K
 from llorch.logits import LogitsProcessor, penalize_repetitions
 from llorch.sampling import Sampler
 
@@ -18,7 +19,8 @@ def random_row(seed: int) -> np.ndarray:
 
 
 def reference_draw(logits, rng, temperature, top_k=None, top_p=None, min_p=None) -> int:
-    """Spec 10's table with a sort of the whole row: the survivors most likely first, then Generator.choice."""
+    """Spec 10's table with a sort of the whole row: the survivors found most likely first, then drawn by
+    Generator.choice in id order."""
     scaled = logits.astype(np.float64) / temperature
     candidates = np.argsort(-scaled, kind="stable")
     if top_k:
@@ -31,7 +33,8 @@ def reference_draw(logits, rng, temperature, top_k=None, top_p=None, min_p=None)
     if min_p:
         keep = np.count_nonzero(probs >= min_p * probs[0])
         candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-    return int(candidates[rng.choice(len(candidates), p=probs)])
+    by_id = np.argsort(candidates)
+    return int(candidates[by_id][rng.choice(len(candidates), p=probs[by_id])])
 
 
 @pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.5), dict(temperature=0.7, top_k=40),
@@ -141,3 +144,73 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p(checkpoint):
     top2 = set(np.argsort(-logits)[:2].tolist())
     sampler = Sampler(temperature=5.0, top_k=2, seed=0)
     assert {sampler(logits) for _ in range(200)} == top2
+
+
+def kernel_rows() -> dict[str, np.ndarray]:
+    """Rows that stress the bucketed cuts: ties, -inf, a range stretched by one outlier, ±0, tiny rows."""
+    rng = np.random.default_rng(21)
+    rows = {
+        "tiny": np.array([1.0, 3.0, 2.0, 2.0, 0.5, 2.0, -1.0, 2.0]),
+        "65 normal": rng.normal(0, 2, 65),
+        "ties": rng.integers(0, 5, 5000).astype(np.float64),
+        "all equal": np.full(3000, 0.25),
+        "heavy tail": rng.standard_t(3, 50257) * 3,
+        "flat": rng.normal(0, 0.5, 50257),
+        "one outlier": np.concatenate([rng.normal(0, 1, 4000), [-1e30]]),
+        "signed zeros": rng.choice([-0.0, 0.0, 1.0, -1.0], 4000),
+    }
+    with_inf = rng.normal(0, 1, 4000)
+    with_inf[rng.choice(4000, 1000, replace=False)] = -np.inf
+    rows["-inf"] = with_inf
+    rows["one finite"] = np.where(np.arange(3000) == 1234, 0.5, -np.inf)
+    return {name: row.astype(np.float32) for name, row in rows.items()}
+
+
+def sorted_prefix(logits: np.ndarray, weights: np.ndarray | None, target: float) -> np.ndarray:
+    """Ids of the shortest most-likely-first prefix (stable sort) whose count or weight reaches target."""
+    order = np.argsort(-logits, kind="stable")
+    running = np.cumsum(np.ones(len(order)) if weights is None else weights[order])
+    return order[:min(int(np.searchsorted(running, target, side="left")) + 1, len(order))]
+
+
+@pytest.mark.parametrize("name", list(kernel_rows()))
+def test_the_cut_kernels_keep_what_a_full_sort_keeps(name):
+    logits = kernel_rows()[name]
+    V = len(logits)
+    scratch = np.empty(V, np.int32)
+    with np.errstate(invalid="ignore"):
+        weights = np.exp(logits.astype(np.float64) - logits.max())
+    for k in sorted({1, 2, 7, 40, V // 2, V - 1, V} & set(range(1, V + 1))):
+        count = K.top_k(logits, k, scratch)
+        kth = logits[sorted_prefix(logits, None, k)[-1]]
+        assert np.array_equal(scratch[:count], np.flatnonzero(logits >= kth)), k
+    for p in [1e-9, 0.3, 0.77, 0.95, 0.999]:
+        kept = weights.copy()
+        K.keep_top_p(logits, kept, p * weights.sum(), scratch)
+        want = np.zeros(V)
+        survivors = sorted_prefix(logits, weights, p * weights.sum())
+        want[survivors] = weights[survivors]
+        assert np.array_equal(kept, want), p
+
+
+def test_draw_is_the_first_id_whose_running_sum_passes_u():
+    rng = np.random.default_rng(3)
+    weights = np.where(rng.random(5000) < 0.3, 0.0, rng.random(5000))
+    for floor in [5e-324, 0.5]:
+        kept = np.where(weights >= floor, weights, 0)
+        running = np.cumsum(kept)
+        for u in rng.random(500):
+            assert K.draw(weights, floor, float(u)) == int(np.searchsorted(running, u * running[-1], side="right"))
+        assert K.draw(weights, floor, 0.0) == int(np.flatnonzero(kept)[0])
+    assert K.draw(np.array([0.0, 2.0, 0.0]), 1.0, 0.999999) == 1
+    assert K.draw(np.array([0.0, 2.0, 0.5]), 1.0, 0.999999) == 1
+
+
+@pytest.mark.parametrize("call", [lambda l, w, s: K.top_k(l, 0, s), lambda l, w, s: K.top_k(l, 4, s),
+                                  lambda l, w, s: K.keep_top_p(l, w, 0.0, s),
+                                  lambda l, w, s: K.keep_top_p(l, w.astype(np.float32), 1.0, s),
+                                  lambda l, w, s: K.keep_top_p(l, w, 1.0, s[:2]),
+                                  lambda l, w, s: K.draw(w, 1.0, 1.0), lambda l, w, s: K.draw(w, 0.0, 0.5)])
+def test_the_sampling_kernels_refuse_bad_arguments(call):
+    with pytest.raises(ValueError):
+        call(np.zeros(3, np.float32), np.ones(3), np.empty(3, np.int32))

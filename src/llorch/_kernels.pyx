@@ -26,7 +26,8 @@ cdef _array(a, str name, dtype, tuple shape, bint writable=False):
     if not cnp.PyArray_Check(a):
         raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
-    cdef int want_type = cnp.NPY_FLOAT32 if dtype is np.float32 else cnp.NPY_INT32
+    cdef int want_type = (cnp.NPY_FLOAT32 if dtype is np.float32 else
+                          cnp.NPY_FLOAT64 if dtype is np.float64 else cnp.NPY_INT32)
     if cnp.PyArray_TYPE(arr) != want_type or not cnp.PyArray_ISNOTSWAPPED(arr):
         raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
@@ -339,6 +340,68 @@ def argmax(x):
     cdef int i
     with nogil:
         i = ll_argmax(p, N)
+    return i
+
+
+cdef int _sampling_row(logits, weights, scratch) except -1:
+    """Check the arrays of a sampling kernel: logits float32 [V], weights float64 [V] (writable, or None),
+    scratch int32 [V] (writable), no two overlapping; returns V."""
+    _array(logits, "logits", np.float32, (None,))
+    cdef int V = logits.shape[0]
+    if V == 0:
+        raise ValueError("logits: an empty row")
+    _array(scratch, "scratch", np.int32, (V,), True)
+    if weights is None:
+        _disjoint([(logits, "logits"), (scratch, "scratch")])
+    else:
+        _array(weights, "weights", np.float64, (V,), True)
+        _disjoint([(logits, "logits"), (weights, "weights"), (scratch, "scratch")])
+    return V
+
+
+def top_k(logits, int k, ids):
+    """Write into ids (int32 [V]) the ids of logits [V] at least as likely as the k-th most likely (ties with it
+    kept), in id order; returns how many."""
+    cdef int V = _sampling_row(logits, None, ids)
+    if not 1 <= k <= V:
+        raise ValueError(f"k: expected 1 <= k <= {V}, got {k}")
+    cdef const float* l = _cptr(logits)
+    cdef int32_t* out = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>ids)
+    cdef int kept
+    with nogil:
+        kept = ll_top_k(l, V, k, out)
+    return kept
+
+
+def keep_top_p(logits, weights, double mass, scratch):
+    """Zero weights [V] (float64) but for the shortest most-likely-first prefix of logits [V] whose weights
+    sum to at least mass (> 0). scratch: int32 [V]."""
+    cdef int V = _sampling_row(logits, weights, scratch)
+    if not 0 < mass < float("inf"):
+        raise ValueError(f"mass: expected a finite number > 0, got {mass}")
+    cdef const float* l = _cptr(logits)
+    cdef double* w = <double*>cnp.PyArray_DATA(<cnp.ndarray>weights)
+    cdef int32_t* ids = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>scratch)
+    with nogil:
+        ll_keep_top_p(l, w, V, mass, ids)
+
+
+def draw(weights, double floor, double u):
+    """The id i drawn with probability weights[i] / sum by the uniform variate u in [0, 1), among the ids whose
+    weight (float64 [V], >= 0) is at least floor (> 0); the sum of those must be positive. The first id whose
+    running sum exceeds u * sum."""
+    _array(weights, "weights", np.float64, (None,))
+    cdef int V = weights.shape[0]
+    if V == 0:
+        raise ValueError("weights: an empty row")
+    if not 0 < floor < float("inf"):
+        raise ValueError(f"floor: expected a finite number > 0, got {floor}")
+    if not 0 <= u < 1:
+        raise ValueError(f"u: expected 0 <= u < 1, got {u}")
+    cdef const double* w = <const double*>cnp.PyArray_DATA(<cnp.ndarray>weights)
+    cdef int i
+    with nogil:
+        i = ll_draw(w, V, floor, u)
     return i
 
 

@@ -6,8 +6,10 @@ transformers), turned into probabilities at the temperature, cut to the smallest
 reaches top_p (the order HF applies them), then to the tokens at least min_p times as likely as the most
 likely one, and one token is drawn with a seeded numpy Generator, so the same seed gives the same tokens.
 
-Nothing sorts the whole vocabulary: top-k is a partial selection, and top-p and the draw walk the tokens
-most likely first through a sorted prefix that grows only while the mass they need is not reached.
+Nothing sorts the vocabulary (spec 10): the top-k and top-p cuts are found by kernels that bucket the logits
+(top_k lists the ids kept, and the rest works on theirs alone; keep_top_p zeroes the weights of the ids it
+cuts), and the draw walks the survivors in id order (draw): the same distribution as a walk most likely
+first, for a fraction of a millisecond on any row.
 
 Penalties and biases that change the logits before this (the daemon's repetition penalty, OpenAI's options)
 are llorch.logits's.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kernels as K
+
+_ANY_WEIGHT = np.nextafter(0.0, 1.0)   # a floor that keeps every id whose weight is not 0
 
 
 class Sampler:
@@ -35,51 +39,29 @@ class Sampler:
         self.temperature, self.top_k, self.top_p = temperature, top_k or None, top_p
         self.min_p = min_p or None
         self.rng = np.random.default_rng(seed)
+        self._weights = np.empty(0)                              # buffers kept: fresh ones would fault
+        self._kept, self._scratch = np.empty(0, np.int32), np.empty(0, np.int32)   # in their pages each token
 
     def __call__(self, logits: np.ndarray) -> int:
-        """The next token id from logits [V] (float32)."""
+        """The next token id from logits [V] (float32, finite or -inf)."""
         if self.temperature == 0:
             return K.argmax(logits)
-        ids, kept = None, logits           # ids None: kept is the whole vocabulary
-        if self.top_k is not None and self.top_k < len(kept):
-            kth = np.partition(kept, len(kept) - self.top_k)[len(kept) - self.top_k]
-            ids = np.flatnonzero(kept >= kth)
-            kept = kept[ids]
+        if len(self._kept) != len(logits):
+            self._weights, self._kept, self._scratch = (np.empty(len(logits)), np.empty(len(logits), np.int32),
+                                                        np.empty(len(logits), np.int32))
+        kept = None   # the ids top_k keeps (id order); then logits holds only theirs
+        if self.top_k is not None and self.top_k < len(logits):
+            kept = self._kept[:K.top_k(logits, self.top_k, self._kept)]
+            logits = logits[kept]
         # the max subtracted before dividing: every exponent is <= 0, so a tiny temperature gives -inf
-        # (weight 0), never NaN
-        weights = kept.astype(np.float64)
-        weights -= weights.max()
+        # (weight 0), never NaN; the most likely token weighs exactly 1
+        weights = self._weights[:len(logits)]
+        np.subtract(logits, np.float64(logits.max()), out=weights)
         with np.errstate(over="ignore"):
-            weights /= self.temperature
-        np.exp(weights, out=weights)       # the most likely token weighs exactly 1
+            np.divide(weights, self.temperature, out=weights)
+        np.exp(weights, out=weights)
         if self.top_p is not None and self.top_p < 1:
-            survivors = most_likely_prefix(kept, weights, self.top_p * weights.sum(), side="left")
-            ids, kept, weights = survivors if ids is None else ids[survivors], kept[survivors], weights[survivors]
-        if self.min_p is not None:
-            survivors = np.flatnonzero(weights >= self.min_p)
-            ids, kept, weights = survivors if ids is None else ids[survivors], kept[survivors], weights[survivors]
-        # one uniform draw u: the first token, most likely first, whose cumulative probability exceeds u
-        drawn = most_likely_prefix(kept, weights, self.rng.random() * weights.sum(), side="right")[-1]
-        return int(drawn if ids is None else ids[drawn])
-
-
-def most_likely_prefix(logits: np.ndarray, weights: np.ndarray, mass: float, side: str) -> np.ndarray:
-    """Indices into logits [n], most likely first (ties: lower index first), of the shortest prefix whose
-    weights sum to at least mass (side="left") or to more than mass (side="right"); all indices with a
-    non-zero weight if rounding keeps the sum short of mass.
-
-    Only a candidate prefix is sorted: the 64 most likely, then 16 times more until the mass is reached."""
-    n, size = len(logits), 64
-    while True:
-        if size < n:
-            threshold = np.partition(logits, n - size)[n - size]
-            candidates = np.flatnonzero(logits >= threshold)   # ties with the threshold too: no id is skipped
-        else:
-            candidates = np.arange(n)
-        candidates = candidates[np.argsort(-logits[candidates], kind="stable")]
-        end = int(np.searchsorted(np.cumsum(weights[candidates]), mass, side=side)) + 1
-        if end <= len(candidates):
-            return candidates[:end]
-        if size >= n:
-            return candidates[:np.count_nonzero(weights)]      # weights are sorted too: zeros come last
-        size *= 16
+            K.keep_top_p(logits, weights, self.top_p * weights.sum(), self._scratch[:len(logits)])
+        # min_p: the most likely weighs 1, so the floor is min_p itself; the least positive double when off
+        drawn = K.draw(weights, self.min_p or _ANY_WEIGHT, self.rng.random())
+        return drawn if kept is None else int(kept[drawn])
