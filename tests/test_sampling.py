@@ -193,6 +193,20 @@ def test_the_cut_kernels_keep_what_a_full_sort_keeps(name):
         assert np.array_equal(kept, want), p
 
 
+def test_a_mass_an_ulp_past_a_prefix_still_cuts():
+    """The cut's bucket is chosen from one order of summation and walked in another: a mass that the first
+    reaches and the second misses by rounding must still cut there, not keep the whole row."""
+    rng = np.random.default_rng(263)
+    V, scratch = 1000, np.empty(1000, np.int32)
+    logits = rng.standard_normal(V).astype(np.float32)
+    weights = np.exp(rng.standard_normal(V) * 0.3) / 7
+    running = np.cumsum(weights[np.lexsort((np.arange(V), -logits))])
+    for prefix in range(0, V - 1, 7):
+        kept = weights.copy()
+        K.keep_top_p(logits, kept, np.nextafter(running[prefix], np.inf), scratch)
+        assert abs(np.count_nonzero(kept) - (prefix + 2)) <= 1, prefix
+
+
 def test_draw_is_the_first_id_whose_running_sum_passes_u():
     rng = np.random.default_rng(3)
     weights = np.where(rng.random(5000) < 0.3, 0.0, rng.random(5000))

@@ -226,3 +226,25 @@ def test_a_malformed_cache_limit_is_a_clear_error(checkpoint, cache_dir, monkeyp
     monkeypatch.setenv("LLORCH_CACHE_MAX_GB", value)
     with pytest.raises(llorch.CheckpointError, match="LLORCH_CACHE_MAX_GB"):
         llorch.load(checkpoint("tiny"))
+
+
+def test_eviction_removes_only_the_cache_own_files(tmp_path, cache_dir, monkeypatch):
+    """LLORCH_CACHE_DIR may point at a directory holding other files, a user's checkpoint among them."""
+    cache_dir.mkdir()
+    foreign = cache_dir / "model.safetensors"
+    foreign.write_bytes(b"\0" * 4096)
+    os.utime(foreign, (0, 0))                     # older than any cache file
+    first = make_checkpoint(tmp_path / "a", "tiny", seed=1)
+    llorch.load(first)
+    one_file = max(f.stat().st_size for f in cache_dir.iterdir())
+    monkeypatch.setenv("LLORCH_CACHE_MAX_GB", str(1.5 * one_file / 1e9))   # room for one cache file
+    second = make_checkpoint(tmp_path / "b", "tiny", seed=2)
+    llorch.load(second)
+    assert mapped(second) and not mapped(first) and foreign.read_bytes() == b"\0" * 4096
+
+
+def test_an_infinite_cache_limit_means_no_limit(checkpoint, cache_dir, monkeypatch):
+    monkeypatch.setenv("LLORCH_CACHE_MAX_GB", "inf")
+    path = checkpoint("tiny")
+    llorch.load(path)
+    assert mapped(path)

@@ -56,7 +56,8 @@ class Sampler:
         # the max subtracted before dividing: every exponent is <= 0, so a tiny temperature gives -inf
         # (weight 0), never NaN; the most likely token weighs exactly 1
         weights = self._weights[:len(logits)]
-        np.subtract(logits, np.float64(logits.max()), out=weights)
+        np.copyto(weights, logits)                # exact: every float32 is a float64
+        weights -= np.float64(logits.max())
         with np.errstate(over="ignore"):
             np.divide(weights, self.temperature, out=weights)
         np.exp(weights, out=weights)

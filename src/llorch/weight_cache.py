@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +46,7 @@ PARTIAL_SUFFIX = ".partial"
 STALE_PARTIAL_SECONDS = 3600
 DEFAULT_MAX_GB = 16.0            # gpt2-xl's prepared weights (6.2 GB) and then some
 DISK_RESERVE_BYTES = 2 << 30     # a cache file is worth less than the room other programs need
+_CACHE_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}\.safetensors")   # cache_file's names
 
 # A probe weight [C, OC] spanning two full panels and a narrower last one: any change to the packing
 # (panel width, order within a panel, the ragged tail) moves some of its values.
@@ -84,7 +87,7 @@ def max_bytes() -> int:
         gigabytes = -1.0
     if not gigabytes >= 0:   # also refuses nan
         raise CheckpointError(f"LLORCH_CACHE_MAX_GB must be a number of gigabytes >= 0, not {text!r}")
-    return int(gigabytes * 1e9)
+    return int(gigabytes * 1e9) if gigabytes * 1e9 < sys.maxsize else sys.maxsize   # inf: no limit
 
 
 def cache_file(config_path: str, weight_files: list[str]) -> str | None:
@@ -157,22 +160,24 @@ def _remove_earlier_versions(path: str) -> None:
     directory, name = os.path.dirname(path), os.path.basename(path)
     place = name.split("-")[0]
     for other in os.listdir(directory):
-        if other.startswith(place + "-") and other.endswith(".safetensors") and other != name:
+        if _CACHE_NAME.fullmatch(other) and other.startswith(place + "-") and other != name:
             _remove(os.path.join(directory, other))
 
 
 def make_room(directory: str, size: int) -> bool:
     """Make room for a cache file of `size` bytes: within max_bytes() in all, leaving DISK_RESERVE_BYTES free
-    on the disk. Removes the least recently used files that must go, and only if that makes room; whether
-    there is room."""
+    on the disk. Removes the least recently used cache files that must go (only files named as this module
+    names them: the directory may hold others), and only if that makes room; whether there is room. A file
+    still mapped by a running model frees its space only when that model is gone."""
     entries = []
     for name in os.listdir(directory):
+        if not _CACHE_NAME.fullmatch(name):
+            continue
         try:
             st = os.stat(os.path.join(directory, name))
         except OSError:   # removed by another writer meanwhile
             continue
-        if name.endswith(".safetensors"):
-            entries.append((st.st_mtime, st.st_size, name))
+        entries.append((st.st_mtime, st.st_size, name))
     total = sum(bytes_ for _, bytes_, _ in entries)
     free = shutil.disk_usage(directory).free
     limit = max_bytes()
