@@ -181,14 +181,17 @@ def make_room(directory: str, size: int) -> bool:
     total = sum(bytes_ for _, bytes_, _ in entries)
     free = shutil.disk_usage(directory).free
     limit = max_bytes()
+
+    def fits() -> bool:
+        return total + size <= limit and free - size >= DISK_RESERVE_BYTES
     evicted = []
     for _, bytes_, name in sorted(entries):   # oldest use first
-        if total + size <= limit and free - size >= DISK_RESERVE_BYTES:
+        if fits():
             break
         evicted.append(name)
         total -= bytes_
         free += bytes_
-    if total + size > limit or free - size < DISK_RESERVE_BYTES:
+    if not fits():
         return False
     for name in evicted:
         _remove(os.path.join(directory, name))
