@@ -133,12 +133,12 @@ class GPT2:
         start_pos = cache.length if start_pos is None else start_pos
         ids, all_logits = self._checked_ids(token_ids, start_pos, cache.length), logits == "all"
         if tracer is not None:
-            return self._run([(ids, start_pos, cache)], tracer, [all_logits]).copy()
+            return self._run([(ids, start_pos, cache)], tracer, [all_logits])
         parts = []
         for first in range(0, ids.size, PREFILL_ROWS):
             part = self._run([(ids[first:first + PREFILL_ROWS], start_pos + first, cache)], NULL_TRACER, [all_logits])
             if all_logits or first + PREFILL_ROWS >= ids.size:
-                parts.append(part.copy())
+                parts.append(part)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache],
@@ -154,7 +154,7 @@ class GPT2:
         if tracer is not None and len(caches) != 1:
             raise ValueError(f"a trace follows one sequence: decode_batch got a tracer and {len(caches)} caches")
         return self._run(self._continuing([[t] for t in tokens], caches), NULL_TRACER if tracer is None else tracer,
-                         [False] * len(tokens)).copy()
+                         [False] * len(tokens))
 
     def forward_batch(self, segments: Sequence[tuple[Sequence[int], KVCache]], *,
                       all_logits: Container[int] = ()) -> np.ndarray:
@@ -170,7 +170,7 @@ class GPT2:
         if len({id(cache) for _, cache in segments}) != len(segments):
             raise ValueError("forward_batch got the same cache in two segments")
         return self._run(self._continuing([ids for ids, _ in segments], [c for _, c in segments]), NULL_TRACER,
-                         [i in all_logits for i in range(len(segments))]).copy()
+                         [i in all_logits for i in range(len(segments))])
 
     def _continuing(self, token_ids: Sequence, caches: Sequence[KVCache]) -> Segments:
         """Checked segments, each continuing its cache from its length."""
@@ -194,8 +194,7 @@ class GPT2:
         """The forward pass over checked segments, their rows stacked.
 
         Returns logits for every row of each segment whose all_logits is true and for the last row of the
-        others; a workspace view, valid until the next call. A tracer (not NULL_TRACER) comes with one
-        segment only."""
+        others, in a new array. A tracer (not NULL_TRACER) comes with one segment only."""
         threads_for_pass()   # the thread count, on this thread: fixed, or auto's choice (llorch.runtime)
         cfg, w = self.config, self.weights
         T = sum(ids.size for ids, _, _ in segments)
@@ -223,7 +222,7 @@ class GPT2:
             last = a.ln[picked[0]:picked[0] + 1]
         else:
             last = np.take(a.ln, picked, axis=0, out=self._ws.get("last", (len(picked), cfg.n_embd)))
-        out = self._ws.get("logits", (last.shape[0], cfg.vocab_size))
+        out = np.empty((last.shape[0], cfg.vocab_size), np.float32)   # the caller's: written once, never copied
         K.lm_head(out, last, w.wte)
         tracer.record("logits", None, out[-1:])
         if tracer is not NULL_TRACER:
