@@ -381,7 +381,8 @@ def lm_head_case(rng, T, C, V):
 
 
 @pytest.mark.parametrize("T, C, V", [(1, 1, 1), (1, 3, 5), (2, 37, 257), (3, 120, 1027), (2, 768, 515),
-                                     (1, 64, 50257), (5, 20, 50257)])
+                                     (1, 64, 50257), (5, 20, 50257),
+                                     (12, 768, 1000), (33, 37, 613)])   # > 8 rows: the other tile shape
 def test_lm_head(simd, T, C, V):
     lm_head_case(np.random.default_rng(T + C + V), T, C, V)
 
