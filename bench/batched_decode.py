@@ -7,16 +7,26 @@ one untimed `decode_batch` step, then --steps timed steps of B rows; the rate is
 Rounds print B's rate and its ratio to B = 1's of the same round. Threads: llorch's default (auto).
 Issue 17's targets: B = 8 >= 7x and B = 16 >= 10x B = 1's aggregate.
 
+Each round also prints the compute roof of that ratio. B rows cost B times one row's FLOPs (2 per weight
+read, bench/ceilings.py), so no B reaches more than sgemm FLOP/s / (FLOPs per token x B = 1's tok/s) times
+B = 1's rate, whatever B: a B = 1 step that streams its weights fast lowers the roof. sgemm is measured
+once, as bench/run.py does (ceilings.Machine in a child process, `--threads` threads).
+
 Without --model it uses bench/batching.py's seeded random checkpoint at GPT-2 124M's shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 import llorch
 from batching import default_model
+from ceilings import TokenCost, blas_env
 
 PROMPT = list(range(1000, 1032))
 
@@ -32,21 +42,43 @@ def rate(model: llorch.GPT2, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - started)
 
 
+def sgemm_gflops(model_dir: str, threads: int) -> float:
+    """ceilings.Machine's sgemm GFLOP/s at the model's layer shapes, in a child process with blas_env()."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from ceilings import Machine; "
+            "from llorch.config import GPT2Config; "
+            "print(Machine(GPT2Config.from_json(sys.argv[2]), int(sys.argv[3])).sgemm_gflops())")
+    bench = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", code, bench, os.path.join(model_dir, "config.json"), str(threads)],
+                          env=blas_env(), capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        sys.exit(f"batched_decode.py: the sgemm measurement failed ({last}); bench/setup.sh installs what it needs")
+    return float(json.loads(done.stdout))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint (default: batching.py's random 124M-shape one)")
     parser.add_argument("--batches", default="8,16", help="batch sizes compared with 1 (default: 8,16)")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="sgemm's threads for the roof (default: the CPUs this process may use)")
     args = parser.parse_args()
-    model = llorch.load(args.model or default_model())
+    model_dir = args.model or default_model()
+    model = llorch.load(model_dir)
     batches = [int(b) for b in args.batches.split(",")]
+    sgemm = sgemm_gflops(model_dir, args.threads)
+    flops_per_token = TokenCost(model.config).decode_bytes / 2   # one multiply-add per 4-byte weight read
+    print(f"sgemm {sgemm:.0f} GFLOP/s ({args.threads} threads): the compute ceiling is "
+          f"{sgemm * 1e9 / flops_per_token:.0f} tok/s", flush=True)
     for _ in range(args.rounds):
         one = rate(model, 1, args.steps)
         line = [f"B1 {one:.1f}"]
         for batch in batches:
             aggregate = rate(model, batch, args.steps)
             line.append(f"B{batch} {aggregate:.1f} ({aggregate / one:.2f}x)")
+        line.append(f"| roof {sgemm * 1e9 / flops_per_token / one:.1f}x")
         print(" ".join(line), flush=True)
 
 
