@@ -595,6 +595,19 @@ def test_argmax_cases(simd, values, want):
     assert K.argmax(np.array(values, dtype=F32)) == want
 
 
+@pytest.mark.parametrize("values, want", [
+    ([-np.inf] * 50, 0),                              # longer than any vector: the lane path
+    ([np.nan] * 50, 0),
+    ([np.nan] * 20 + [-np.inf] * 30, 20),
+    ([-np.inf] * 33 + [np.nan] * 17, 0),
+    ([0.0] * 17 + [1.0] + [0.0] * 15 + [1.0] * 17, 17),   # ties in several lanes: the first
+    ([-0.0] * 40 + [0.0] * 9, 0),
+    ([1.0] * 48 + [np.inf, 2.0], 48),                 # the largest in the tail
+])
+def test_argmax_long_cases(simd, values, want):
+    assert K.argmax(np.array(values, dtype=F32)) == want
+
+
 @pytest.mark.parametrize("n", [1, 3, 37, 50257])
 def test_argmax_random_with_ties(simd, n):
     rng = np.random.default_rng(n)
