@@ -150,11 +150,14 @@ def lookup_draft(sequence: np.ndarray, limit: int) -> list[int]:
     ids [S], n in DRAFT_NGRAMS, longest first); [] when none occurred. A copy that reaches the end of the
     sequence goes on with what it copied, as the repetition it found would (a loop of period 2 drafts
     a b a b ...)."""
+    S = len(sequence)
     for n in DRAFT_NGRAMS:
-        if len(sequence) <= n or limit < 1:
+        if S <= n or limit < 1:
             continue
-        windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
-        matches = np.flatnonzero((windows == sequence[-n:]).all(axis=1))
+        same = sequence[:S - n] == sequence[S - n]   # windows starting at 0 .. S - n - 1, compared token by token
+        for k in range(1, n):
+            same &= sequence[k:S - n + k] == sequence[S - n + k]
+        matches = np.flatnonzero(same)
         if matches.size:
             return np.resize(sequence[matches[-1] + n:], limit).tolist()   # np.resize repeats cyclically
     return []
