@@ -1,6 +1,7 @@
 """In-process batched decode: aggregate tok/s of B sequences decoded together against one (issue 17 item 4).
 
     python bench/batched_decode.py [--model DIR] [--batches 8,16] [--steps 24] [--rounds 3]
+    python bench/batched_decode.py --vs OTHER.so [--vs ...] [--steps 60]   # builds compared, step by step
 
 Each round, for B = 1 and then each of --batches: B caches each prefilled with the same 32-token prompt,
 one untimed `decode_batch` step, then --steps timed steps of B rows; the rate is B * steps / seconds.
@@ -8,9 +9,15 @@ Rounds print B's rate and its ratio to B = 1's of the same round. Threads: llorc
 Issue 17's targets: B = 8 >= 7x and B = 16 >= 10x B = 1's aggregate.
 
 Each round also prints the compute roof of that ratio. B rows cost B times one row's FLOPs (2 per weight
-read, bench/ceilings.py), so no B reaches more than sgemm FLOP/s / (FLOPs per token x B = 1's tok/s) times
-B = 1's rate, whatever B: a B = 1 step that streams its weights fast lowers the roof. sgemm is measured
-once, as bench/run.py does (ceilings.Machine in a child process, `--threads` threads).
+read, bench/ceilings.py), so no batch decodes faster than the compute ceiling, sgemm FLOP/s / FLOPs per
+token: the ratio's roof is that ceiling over B = 1's rate of the round, whatever B. The faster B = 1 streams
+its weights, the lower the roof. sgemm is measured once, as bench/run.py does (ceilings.Machine in a child
+process, `--threads` threads).
+
+With --vs, other builds of llorch._kernels (say, the .so of an earlier commit) take turns with the
+installed one step by step, each step at the same positions (a row's bits are the same in every build),
+so that the host's drifting bandwidth hits them alike: the median step time of each, and its median ratio
+to the installed build's.
 
 Without --model it uses bench/batching.py's seeded random checkpoint at GPT-2 124M's shape.
 """
@@ -24,9 +31,13 @@ import subprocess
 import sys
 import time
 
+import statistics
+
 import llorch
+import llorch.model
 from batching import default_model
 from ceilings import TokenCost, blas_env
+from kernels import load_kernels
 
 PROMPT = list(range(1000, 1032))
 
@@ -40,6 +51,29 @@ def rate(model: llorch.GPT2, batch: int, steps: int) -> float:
     for _ in range(steps):
         model.decode_batch([5] * batch, caches)
     return batch * steps / (time.perf_counter() - started)
+
+
+def compare(model: llorch.GPT2, builds: list[str], batches: list[int], steps: int) -> None:
+    """decode_batch steps of each build in turn (the installed one first), at the same positions."""
+    kernels = [load_kernels(None, "installed")] + [load_kernels(path, f"vs{i}") for i, path in enumerate(builds)]
+    names = ["installed"] + builds
+    for batch in [1, *batches]:
+        caches = [model.new_cache() for _ in range(batch)]
+        for cache in caches:
+            model.forward(PROMPT, cache, logits="last")
+        times = [[] for _ in kernels]
+        for step in range(steps):
+            for K, seconds in zip(kernels, times):
+                llorch.model.K = K
+                for cache in caches:
+                    cache.length = len(PROMPT) + step
+                started = time.perf_counter()
+                model.decode_batch([5] * batch, caches)
+                seconds.append(time.perf_counter() - started)
+        llorch.model.K = kernels[0]
+        print(f"B{batch}: " + "  ".join(
+            f"{name} {statistics.median(t) * 1e3:.2f} ms ({statistics.median(a / b for a, b in zip(t, times[0])):.3f}x)"
+            for name, t in zip(names, times)), flush=True)
 
 
 def sgemm_gflops(model_dir: str, threads: int) -> float:
@@ -64,10 +98,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="sgemm's threads for the roof (default: the CPUs this process may use)")
+    parser.add_argument("--vs", action="append", default=[], metavar="SO",
+                        help="another build of llorch._kernels to compare step by step (repeatable)")
     args = parser.parse_args()
     model_dir = args.model or default_model()
     model = llorch.load(model_dir)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.vs:
+        compare(model, args.vs, batches, args.steps)
+        return
     sgemm = sgemm_gflops(model_dir, args.threads)
     flops_per_token = TokenCost(model.config).decode_bytes / 2   # one multiply-add per 4-byte weight read
     print(f"sgemm {sgemm:.0f} GFLOP/s ({args.threads} threads): the compute ceiling is "
