@@ -1,11 +1,14 @@
 """In-process batched decode: aggregate tok/s of B sequences decoded together against one (issue 17 item 4).
 
-    python bench/batched_decode.py [--model DIR] [--batches 8,16] [--steps 24] [--rounds 3]
+    python bench/batched_decode.py [--model DIR] [--batches 8,16] [--steps 24] [--rounds 3] [--interleave]
     python bench/batched_decode.py --vs OTHER.so [--vs ...] [--steps 60]   # builds compared, step by step
 
 Each round, for B = 1 and then each of --batches: B caches each prefilled with the same 32-token prompt,
 one untimed `decode_batch` step, then --steps timed steps of B rows; the rate is B * steps / seconds.
 Rounds print B's rate and its ratio to B = 1's of the same round. Threads: llorch's default (auto).
+With --interleave the batch sizes take turns step by step (B = 1, 8, 16, B = 1, ...) and each rate is B
+over its median step time: the host's bandwidth, which drifts by 20-30 % within a minute here, then moves
+every B's steps alike instead of one B's run after another's.
 Issue 17's targets: B = 8 >= 7x and B = 16 >= 10x B = 1's aggregate.
 
 Each round also prints the compute roof of that ratio. B rows cost B times one row's FLOPs (2 per weight
@@ -42,15 +45,32 @@ from kernels import load_kernels
 PROMPT = list(range(1000, 1032))
 
 
-def rate(model: llorch.GPT2, batch: int, steps: int) -> float:
-    caches = [model.new_cache() for _ in range(batch)]
-    for cache in caches:
-        model.forward(PROMPT, cache, logits="last")
-    model.decode_batch([5] * batch, caches)
-    started = time.perf_counter()
-    for _ in range(steps):
+def rates(model: llorch.GPT2, batches: list[int], steps: int, interleave: bool) -> dict[int, float]:
+    """B -> aggregate tok/s for B = 1 and each of batches: B caches each prefilled with PROMPT and one untimed
+    step, then `steps` timed steps; B * steps / seconds, or with interleave, B / the median step time of
+    steps taken in turns (B = 1, 8, 16, B = 1, ...)."""
+    sets = {}
+    for batch in [1, *batches]:
+        caches = [model.new_cache() for _ in range(batch)]
+        for cache in caches:
+            model.forward(PROMPT, cache, logits="last")
         model.decode_batch([5] * batch, caches)
-    return batch * steps / (time.perf_counter() - started)
+        sets[batch] = caches
+    if interleave:
+        times = {batch: [] for batch in sets}
+        for _ in range(steps):
+            for batch, caches in sets.items():
+                started = time.perf_counter()
+                model.decode_batch([5] * batch, caches)
+                times[batch].append(time.perf_counter() - started)
+        return {batch: batch / statistics.median(t) for batch, t in times.items()}
+    measured = {}
+    for batch, caches in sets.items():
+        started = time.perf_counter()
+        for _ in range(steps):
+            model.decode_batch([5] * batch, caches)
+        measured[batch] = batch * steps / (time.perf_counter() - started)
+    return measured
 
 
 def compare(model: llorch.GPT2, builds: list[str], batches: list[int], steps: int) -> None:
@@ -98,6 +118,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="sgemm's threads for the roof (default: the CPUs this process may use)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="the batch sizes take turns step by step; rates from median step times")
     parser.add_argument("--vs", action="append", default=[], metavar="SO",
                         help="another build of llorch._kernels to compare step by step (repeatable)")
     args = parser.parse_args()
@@ -112,11 +134,11 @@ def main() -> None:
     print(f"sgemm {sgemm:.0f} GFLOP/s ({args.threads} threads): the compute ceiling is "
           f"{sgemm * 1e9 / flops_per_token:.0f} tok/s", flush=True)
     for _ in range(args.rounds):
-        one = rate(model, 1, args.steps)
+        measured = rates(model, batches, args.steps, args.interleave)
+        one = measured[1]
         line = [f"B1 {one:.1f}"]
         for batch in batches:
-            aggregate = rate(model, batch, args.steps)
-            line.append(f"B{batch} {aggregate:.1f} ({aggregate / one:.2f}x)")
+            line.append(f"B{batch} {measured[batch]:.1f} ({measured[batch] / one:.2f}x)")
         line.append(f"| roof {sgemm * 1e9 / flops_per_token / one:.1f}x")
         print(" ".join(line), flush=True)
 
