@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
-
-import statistics
 
 import llorch
 import llorch.model
@@ -45,17 +44,21 @@ from kernels import load_kernels
 PROMPT = list(range(1000, 1032))
 
 
+def prefilled(model: llorch.GPT2, batch: int) -> list:
+    """batch caches, each holding PROMPT."""
+    caches = [model.new_cache() for _ in range(batch)]
+    for cache in caches:
+        model.forward(PROMPT, cache, logits="last")
+    return caches
+
+
 def rates(model: llorch.GPT2, batches: list[int], steps: int, interleave: bool) -> dict[int, float]:
     """B -> aggregate tok/s for B = 1 and each of batches: B caches each prefilled with PROMPT and one untimed
     step, then `steps` timed steps; B * steps / seconds, or with interleave, B / the median step time of
     steps taken in turns (B = 1, 8, 16, B = 1, ...)."""
-    sets = {}
-    for batch in [1, *batches]:
-        caches = [model.new_cache() for _ in range(batch)]
-        for cache in caches:
-            model.forward(PROMPT, cache, logits="last")
+    sets = {batch: prefilled(model, batch) for batch in [1, *batches]}
+    for batch, caches in sets.items():
         model.decode_batch([5] * batch, caches)
-        sets[batch] = caches
     if interleave:
         times = {batch: [] for batch in sets}
         for _ in range(steps):
@@ -78,9 +81,7 @@ def compare(model: llorch.GPT2, builds: list[str], batches: list[int], steps: in
     kernels = [load_kernels(None, "installed")] + [load_kernels(path, f"vs{i}") for i, path in enumerate(builds)]
     names = ["installed"] + builds
     for batch in [1, *batches]:
-        caches = [model.new_cache() for _ in range(batch)]
-        for cache in caches:
-            model.forward(PROMPT, cache, logits="last")
+        caches = prefilled(model, batch)
         times = [[] for _ in kernels]
         for step in range(steps):
             for K, seconds in zip(kernels, times):

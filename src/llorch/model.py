@@ -75,7 +75,7 @@ class Activations(NamedTuple):
 
 class Workspace:
     """Activation buffers, grown (at least doubling) to the largest pass seen and then reused, so a decode
-    step allocates nothing even as the attended length grows."""
+    step allocates no activations (only the logits it returns) even as the attended length grows."""
 
     def __init__(self) -> None:
         self._flat: dict[str, np.ndarray] = {}
