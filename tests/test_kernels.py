@@ -564,6 +564,20 @@ def test_decode_attention_refuses_bad_arguments():
         K.decode_attention(out, qkv, [caches[0], caches[0]], caches[2:4], [0, 1], work)
     with pytest.raises(ValueError, match="exceed the cache"):
         K.decode_attention(out, qkv, caches[:2], caches[2:4], [0, maxT], work)
+    # a later row's cache is checked as fully as the first's (the fast path leaves the messages to those checks)
+    longer = np.zeros((NH, maxT + 1, HS), F32)
+    with pytest.raises(ValueError, match=r"k_caches\[1\]: expected the shape of k_caches\[0\]"):
+        K.decode_attention(out, qkv, [caches[0], longer], [caches[2], np.zeros_like(longer)], [0, 1], work)
+    frozen = np.zeros((NH, maxT, HS), F32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="v_cache: expected a writable array"):
+        K.decode_attention(out, qkv, caches[:2], [caches[2], frozen], [0, 1], work)
+    with pytest.raises(ValueError, match="k_cache: expected dtype float32"):
+        K.decode_attention(out, qkv, [caches[0], caches[1].astype(np.float64)], caches[2:4], [0, 1], work)
+    shared = np.zeros((NH, maxT, HS), F32)
+    with pytest.raises(ValueError, match=r"v_caches\[1\]: must not overlap out"):
+        K.decode_attention(shared.reshape(-1)[:out.size].reshape(out.shape), qkv, caches[:2], [caches[2], shared],
+                           [0, 1], work)
     with pytest.raises(ValueError, match="out"):
         K.decode_attention(out[:1], qkv, caches[:2], caches[2:4], [0, 1], work)
     with pytest.raises(ValueError, match=r"^scores, probs: only for a step of one sequence, got 2"):

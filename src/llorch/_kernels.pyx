@@ -8,6 +8,7 @@ ValueError naming the argument, never a read of the wrong memory. Shapes use the
 import numpy as np
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t
+from libc.stdlib cimport qsort
 
 
 # cdef extern declarations of every function of csrc/llorch.h, generated from it by setup.py.
@@ -271,33 +272,92 @@ def attention(out, qkv, k_cache, v_cache, int start_pos, scratch, scores=None, p
         ll_attention(o, sc, p, work, x, kc, vc, T, C, NH, start_pos, maxT)
 
 
+cdef struct Span:
+    size_t lo, hi
+
+
+cdef int _span_order(const void* a, const void* b) noexcept nogil:
+    cdef size_t x = (<const Span*>a).lo, y = (<const Span*>b).lo
+    return (x > y) - (x < y)
+
+
+cdef inline bint _is_cache(a, const cnp.npy_intp* shape):
+    """Whether a is a KV cache array as _check_cache wants it, of this shape: decode_attention's fast path,
+    which leaves the messages to the full checks."""
+    if not cnp.PyArray_Check(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if (cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(arr)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISWRITEABLE(arr) or cnp.PyArray_NDIM(arr) != 3):
+        return False
+    cdef const cnp.npy_intp* dims = cnp.PyArray_DIMS(arr)
+    return dims[0] == shape[0] and dims[1] == shape[1] and dims[2] == shape[2]
+
+
+cdef bint _spans_apart(list arrays, scratch):
+    """Whether no two of the arrays overlap and scratch overlaps none (all C-contiguous, as _disjoint):
+    sorted by address in C, each must end before the next starts."""
+    cdef Py_ssize_t n = 0, i, count = len(arrays)
+    cdef Span* spans = <Span*>PyMem_Malloc(count * sizeof(Span))
+    if not spans:
+        raise MemoryError()
+    cdef size_t lo, size
+    for a in arrays:
+        lo, size = <size_t>cnp.PyArray_DATA(<cnp.ndarray>a), <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>a)
+        if size:
+            spans[n].lo, spans[n].hi = lo, lo + size
+            n += 1
+    qsort(spans, n, sizeof(Span), _span_order)
+    lo = <size_t>cnp.PyArray_DATA(<cnp.ndarray>scratch)
+    cdef size_t hi = lo + <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>scratch)
+    cdef bint apart = True
+    for i in range(n):
+        if (i + 1 < n and spans[i + 1].lo < spans[i].hi) or (lo < hi and lo < spans[i].hi and spans[i].lo < hi):
+            apart = False
+            break
+    PyMem_Free(spans)
+    return apart
+
+
 def decode_attention(out, qkv, k_caches, v_caches, positions, scratch, scores=None, probs=None):
     """One decode step of B sequences: row b of qkv [B, 3C] is sequence b's token at positions[b]; its k, v
     go into k_caches[b], v_caches[b] [NH, maxT, HS] and row b of out [B, C] is its attention, bitwise as
     kv_write + attention of a one-token pass. scores and probs [NH, 1, positions[0] + 1] (B = 1 only, for
     tracing) receive what that attention call would give. scratch: float32
-    [attention_scratch_floats(max(positions) + 1) or more]."""
+    [attention_scratch_floats(max(positions) + 1) or more].
+
+    Every step of a batch calls this once per layer, so the caches past the first and the overlaps are
+    checked by a fast path in C; only when that finds something wrong do the full checks run, to say what."""
     cdef int B = len(k_caches)
     if B == 0 or len(v_caches) != B or len(positions) != B:
         raise ValueError(f"k_caches, v_caches, positions: expected one per row of qkv (at least one), got "
                          f"{len(k_caches)}, {len(v_caches)}, {len(positions)}")
     _array(qkv, "qkv", np.float32, (B, None))
-    cdef int T, C, NH, maxT, b
+    cdef int T, C, NH, maxT, b, position, S_max = 0
+    _check_cache(qkv[:1], k_caches[0], v_caches[0], positions[0], &T, &C, &NH, &maxT)
+    cdef const cnp.npy_intp* shape = cnp.PyArray_DIMS(<cnp.ndarray>k_caches[0])
     for b in range(B):
-        _check_cache(qkv[b:b + 1], k_caches[b], v_caches[b], positions[b], &T, &C, &NH, &maxT)
-        if k_caches[b].shape != k_caches[0].shape:
-            raise ValueError(f"k_caches[{b}]: expected the shape of k_caches[0], {k_caches[0].shape}, "
-                             f"got {k_caches[b].shape}")
+        position = positions[b]
+        S_max = max(S_max, position + 1)
+        if not (_is_cache(k_caches[b], shape) and _is_cache(v_caches[b], shape) and 0 <= position < maxT):
+            _check_cache(qkv[b:b + 1], k_caches[b], v_caches[b], position, &T, &C, &NH, &maxT)
+            if k_caches[b].shape != k_caches[0].shape:
+                raise ValueError(f"k_caches[{b}]: expected the shape of k_caches[0], {k_caches[0].shape}, "
+                                 f"got {k_caches[b].shape}")
     _array(out, "out", np.float32, (B, C), True)
     if B > 1 and (scores is not None or probs is not None):
         raise ValueError(f"scores, probs: only for a step of one sequence, got {B}")
     cdef int S = positions[0] + 1
     cdef float* sc = _trace_output(scores, "scores", (NH, 1, S))
     cdef float* p = _trace_output(probs, "probs", (NH, 1, S))
-    named = [(out, "out"), (qkv, "qkv")] + [(k_caches[b], f"k_caches[{b}]") for b in range(B)] \
-        + [(v_caches[b], f"v_caches[{b}]") for b in range(B)]
-    _disjoint(named + [(a, name) for a, name in ((scores, "scores"), (probs, "probs")) if a is not None])
-    cdef float* work = _scratch(scratch, max(positions) + 1, named + [(scores, "scores"), (probs, "probs")])
+    traced = [a for a in (scores, probs) if a is not None]
+    _array(scratch, "scratch", np.float32, (None,), True)
+    if not _spans_apart([out, qkv, *k_caches, *v_caches, *traced], scratch):
+        named = [(out, "out"), (qkv, "qkv")] + [(k_caches[b], f"k_caches[{b}]") for b in range(B)] \
+            + [(v_caches[b], f"v_caches[{b}]") for b in range(B)]
+        _disjoint(named + [(a, name) for a, name in ((scores, "scores"), (probs, "probs")) if a is not None])
+        _scratch(scratch, S_max, named + [(scores, "scores"), (probs, "probs")])
+    cdef float* work = _scratch(scratch, S_max, ())
     cdef float** kc = <float**>PyMem_Malloc(B * sizeof(float*))
     cdef float** vc = <float**>PyMem_Malloc(B * sizeof(float*))
     cdef int* pos = <int*>PyMem_Malloc(B * sizeof(int))
