@@ -32,6 +32,7 @@ import time
 import httpx
 
 from batching import default_model, free_port, start_daemon
+from sse_client import stream_jobs
 
 import llorch
 
@@ -46,23 +47,10 @@ def text_of(n_tokens: int, tag: str) -> str:
 
 
 def stream_job(url: str, job_id: str, prompt: str, max_tokens: int, on_token=None) -> dict:
-    """POST /execute and read its SSE stream: the send time, every token's arrival time (perf_counter) and
-    text."""
+    """POST /execute and read its SSE stream (sse_client): the send time, every token's arrival time
+    (perf_counter) and text; on_token(n) as the n-th token arrives."""
     body = {"job_id": job_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    sent, arrivals, texts, event = time.perf_counter(), [], [], None
-    with httpx.Client(timeout=900.0) as client, client.stream("POST", url + "/execute", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line[len("event: "):]
-            elif line.startswith("data: ") and event == "token":
-                arrivals.append(time.perf_counter())
-                texts.append(json.loads(line[len("data: "):])["t"])
-                if on_token:
-                    on_token(len(arrivals))
-            elif line.startswith("data: ") and event == "error":
-                raise RuntimeError(f"job {job_id} failed: {line}")
-    return {"sent": sent, "arrivals": arrivals, "texts": texts}
+    return stream_jobs([(url, body)], on_token=on_token and (lambda _, n: on_token(n)))[0]
 
 
 def openai_stream_job(url: str, prompt: str, max_tokens: int) -> dict:
