@@ -23,7 +23,6 @@ import argparse
 import concurrent.futures
 import statistics
 import tempfile
-import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,6 +56,9 @@ PROMPTS = {
                                              "passage's own words.\nAnswer: The lighthouse at Cape Verran",
     "none: story": "Once upon a time, in a village by the sea,",
     "none: question": "What is the best way to learn a new language?",
+    # the test model's greedy text after these repeats itself least: most drafts miss
+    "none: phrase": "The quick brown fox",
+    "none: markup": "<html><body>",
 }
 
 
