@@ -5,7 +5,7 @@
 Starts a local Ray with 2 CPUs and Serve on a free 127.0.0.1 port, then per round deploys the application
 (llorch.ray) with 1 replica and measures, then with 2 and measures; each replica has 1 thread and 1 CPU.
 A measurement is bench/batching.py's: --jobs concurrent greedy /execute streams, their tokens over the wall
-time from the first request to the last `end`, while /health is polled every 20 ms. Drafting is off
+time from the first request to the last `end`, while /health is polled every 0.1 s. Drafting is off
 (`draft: none`) everywhere: a replica with 4 streams would draft and one with 8 would not, so the ratio
 would measure speculative decoding rather than replicas. Issue 18's target: 2 replicas >= 1.7x one.
 
