@@ -351,8 +351,8 @@ def decode_attention(out, qkv, k_caches, v_caches, positions, scratch, scores=No
     cdef float* sc = _trace_output(scores, "scores", (NH, 1, S))
     cdef float* p = _trace_output(probs, "probs", (NH, 1, S))
     traced = [a for a in (scores, probs) if a is not None]
-    _array(scratch, "scratch", np.float32, (None,), True)
-    if not _spans_apart([out, qkv, *k_caches, *v_caches, *traced], scratch):
+    # scratch's own checks come last, as before (_scratch): here it need only be an array to have a span
+    if not (cnp.PyArray_Check(scratch) and _spans_apart([out, qkv, *k_caches, *v_caches, *traced], scratch)):
         named = [(out, "out"), (qkv, "qkv")] + [(k_caches[b], f"k_caches[{b}]") for b in range(B)] \
             + [(v_caches[b], f"v_caches[{b}]") for b in range(B)]
         _disjoint(named + [(a, name) for a, name in ((scores, "scores"), (probs, "probs")) if a is not None])
