@@ -21,20 +21,25 @@ from urllib.parse import urlsplit
 class _Stream:
     """One /execute request on its own connection: the response parsed as bytes arrive."""
 
-    def __init__(self, url: str, body: dict, on_token: Callable[[int], object] | None) -> None:
+    def __init__(self, url: str, body: dict, on_token: Callable[[int], object] | None, timeout_s: float) -> None:
         parts = urlsplit(url)
         payload = json.dumps(body).encode()
         self.job_id = body["job_id"]
-        self.sock = socket.create_connection((parts.hostname, parts.port or 80))
-        self.sent = time.perf_counter()
-        self.sock.sendall(b"POST /execute HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (parts.netloc.encode(), len(payload), payload))
-        self.sock.setblocking(False)
+        self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s)
+        try:
+            self.sent = time.perf_counter()
+            self.sock.sendall(b"POST /execute HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (parts.netloc.encode(), len(payload), payload))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
         self.raw = bytearray()          # bytes not yet parsed
         self.events = bytearray()       # the body, de-chunked, not yet split into events
         self.head_done = False
         self.chunked = False
         self.chunk_left = -1            # bytes of the current chunk still to come; -1: a size line is next
+        self.body_done = False          # the last (empty) chunk came
         self.arrivals: list[float] = []
         self.texts: list[str] = []
         self.end: dict | None = None
@@ -65,6 +70,7 @@ class _Stream:
                 self.chunk_left = int(self.raw[:line_end].split(b";")[0], 16)
                 del self.raw[:line_end + 2]
                 if self.chunk_left == 0:
+                    self.body_done = True
                     break
             if len(self.raw) < self.chunk_left + 2:
                 break
@@ -85,6 +91,8 @@ class _Stream:
                 self.end = json.loads(data)
             elif name == "error":
                 raise RuntimeError(f"job {self.job_id} failed: {data}")
+        if self.body_done and self.end is None:
+            raise RuntimeError(f"job {self.job_id}: the stream ended without an end event")
 
 
 def stream_jobs(requests: list[tuple[str, dict]], timeout_s: float = 900.0,
@@ -92,12 +100,13 @@ def stream_jobs(requests: list[tuple[str, dict]], timeout_s: float = 900.0,
     """POST each (daemon URL, /execute body) at once, each on its own connection, and read all the event
     streams to their end; for each: the send time, every token's arrival time (perf_counter) and text, and
     the `end` event's data. on_token(i, n), if given, is called as request i's n-th token arrives."""
-    streams = [_Stream(url, body, on_token and partial(on_token, i)) for i, (url, body) in enumerate(requests)]
+    streams: list[_Stream] = []
     selector = selectors.DefaultSelector()
-    for stream in streams:
-        selector.register(stream.sock, selectors.EVENT_READ, stream)
     deadline = time.monotonic() + timeout_s
     try:
+        for i, (url, body) in enumerate(requests):
+            streams.append(_Stream(url, body, on_token and partial(on_token, i), timeout_s))
+            selector.register(streams[-1].sock, selectors.EVENT_READ, streams[-1])
         open_streams = len(streams)
         while open_streams:
             ready = selector.select(max(0.0, deadline - time.monotonic()))

@@ -564,6 +564,21 @@ def test_decode_attention_refuses_bad_arguments():
         K.decode_attention(out, qkv, [caches[0], caches[0]], caches[2:4], [0, 1], work)
     with pytest.raises(ValueError, match="exceed the cache"):
         K.decode_attention(out, qkv, caches[:2], caches[2:4], [0, maxT], work)
+    with pytest.raises(ValueError, match="exceed the cache"):   # start_pos + 1 would overflow a C int
+        K.decode_attention(out, qkv, caches[:2], caches[2:4], [0, 2**31 - 1], work)
+    # a container is read once: a sequence handing out fresh views of stacked caches gets them checked too
+    class Views:
+        def __init__(self, arrays):
+            self.arrays = arrays
+
+        def __len__(self):
+            return len(self.arrays)
+
+        def __getitem__(self, b):
+            return self.arrays[b][...]
+    with pytest.raises(ValueError, match=r"v_cache: expected shape \(2, 8, 4\), got \(2, 1, 4\)"):
+        K.decode_attention(out, qkv, np.zeros((2, NH, maxT, HS), F32),
+                           Views([np.zeros((NH, maxT, HS), F32), np.zeros((NH, 1, HS), F32)]), [0, 5], work)
     # a later row's cache is checked as fully as the first's (the fast path leaves the messages to those checks)
     longer = np.zeros((NH, maxT + 1, HS), F32)
     with pytest.raises(ValueError, match=r"k_caches\[1\]: expected the shape of k_caches\[0\]"):
@@ -683,6 +698,7 @@ BAD_ARGUMENTS = [
     ("embed", "tokens", lambda t: t - 1, r"^tokens: ids must be in \[0, 5\), got -1\.\.3"),
     ("embed", "start_pos", lambda p: 3, r"positions 3\.\.4 exceed the context of 4"),
     ("embed", "start_pos", lambda p: -1, r"positions -1\.\.0 exceed the context of 4"),
+    ("embed", "start_pos", lambda p: 2**31 - 1, r"positions 2147483647\.\.2147483648 exceed the context of 4"),
     ("embed", "wte", as_list, r"^wte: expected a numpy array, got list"),
     ("embed", "wpe", strided, r"^wpe: expected a C-contiguous array"),
     ("gelu", "out", lambda a: a[:, :5].copy(), r"^out: expected shape \(2, 6\), got \(2, 5\)"),
@@ -690,6 +706,7 @@ BAD_ARGUMENTS = [
     ("residual", "b", lambda a: a.reshape(-1).copy(), r"^b: expected shape \(2, 6\)"),
     ("residual", "out", read_only, r"^out: expected a writable array"),
     ("kv_write", "start_pos", lambda p: 3, r"positions 3\.\.4 exceed the cache of 4"),
+    ("kv_write", "start_pos", lambda p: 2**31 - 1, r"positions 2147483647\.\.2147483648 exceed the cache of 4"),
     ("kv_write", "k_cache", lambda c: c[:, :, :2].copy(), r"^k_cache: expected shape \(NH, maxT, C/NH\)"),
     ("kv_write", "v_cache", read_only, r"^v_cache: expected a writable array"),
     ("kv_write", "qkv", lambda a: a[:, :17].copy(), r"^qkv: expected shape \(T, 3C\)"),
@@ -698,6 +715,7 @@ BAD_ARGUMENTS = [
     ("attention", "scores", strided, r"^scores: expected a C-contiguous array"),
     ("attention", "v_cache", lambda c: c[:, :3].copy(), r"^v_cache: expected shape \(2, 4, 3\)"),
     ("attention", "start_pos", lambda p: 3, r"positions 3\.\.4 exceed the cache of 4"),
+    ("attention", "start_pos", lambda p: 2**31 - 2, r"positions 2147483646\.\.2147483647 exceed the cache of 4"),
     ("attention", "k_cache", transposed, r"^k_cache: expected a C-contiguous array"),
     ("attention", "scratch", lambda a: a[:-1].copy(), r"^scratch: expected at least attention_scratch_floats\(3\)"),
     ("attention", "scratch", read_only, r"^scratch: expected a writable array"),

@@ -100,8 +100,8 @@ def embed(out, tokens, wte, wpe, int start_pos):
     _distinct(out, "out", ((wte, "wte"), (wpe, "wpe")))
     if T and (tokens.min() < 0 or tokens.max() >= V):
         raise ValueError(f"tokens: ids must be in [0, {V}), got {tokens.min()}..{tokens.max()}")
-    if start_pos < 0 or start_pos + T > wpe.shape[0]:
-        raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the context of {wpe.shape[0]}")
+    if start_pos < 0 or start_pos > wpe.shape[0] - T:   # not start_pos + T: that overflows an int near 2**31
+        raise ValueError(f"positions {start_pos}..{<long long>start_pos + T - 1} exceed the context of {wpe.shape[0]}")
     cdef const int32_t[::1] tok = tokens
     cdef float* o = _ptr(out)
     cdef const float* e = _cptr(wte)
@@ -202,8 +202,8 @@ cdef _check_cache(qkv, k_cache, v_cache, int start_pos, int* T, int* C, int* NH,
     if NH[0] == 0 or C[0] % NH[0] or k_cache.shape[2] != C[0] // NH[0]:
         raise ValueError(f"k_cache: expected shape (NH, maxT, C/NH) with C = {C[0]}, got {k_cache.shape}")
     _array(v_cache, "v_cache", np.float32, k_cache.shape, True)
-    if start_pos < 0 or start_pos + T[0] > maxT[0]:
-        raise ValueError(f"positions {start_pos}..{start_pos + T[0] - 1} exceed the cache of {maxT[0]}")
+    if start_pos < 0 or start_pos > maxT[0] - T[0]:   # not start_pos + T: that overflows an int near 2**31
+        raise ValueError(f"positions {start_pos}..{<long long>start_pos + T[0] - 1} exceed the cache of {maxT[0]}")
 
 
 def kv_write(k_cache, v_cache, qkv, int start_pos):
@@ -328,6 +328,8 @@ def decode_attention(out, qkv, k_caches, v_caches, positions, scratch, scores=No
 
     Every step of a batch calls this once per layer, so the caches past the first and the overlaps are
     checked by a fast path in C; only when that finds something wrong do the full checks run, to say what."""
+    # each argument read once: what is checked is what the kernel gets, whatever a container does on access
+    k_caches, v_caches, positions = tuple(k_caches), tuple(v_caches), tuple(positions)
     cdef int B = len(k_caches)
     if B == 0 or len(v_caches) != B or len(positions) != B:
         raise ValueError(f"k_caches, v_caches, positions: expected one per row of qkv (at least one), got "
@@ -335,15 +337,16 @@ def decode_attention(out, qkv, k_caches, v_caches, positions, scratch, scores=No
     _array(qkv, "qkv", np.float32, (B, None))
     cdef int T, C, NH, maxT, b, position, S_max = 0
     _check_cache(qkv[:1], k_caches[0], v_caches[0], positions[0], &T, &C, &NH, &maxT)
-    cdef const cnp.npy_intp* shape = cnp.PyArray_DIMS(<cnp.ndarray>k_caches[0])
+    cdef cnp.npy_intp shape[3]
+    shape[0], shape[1], shape[2] = k_caches[0].shape
     for b in range(B):
         position = positions[b]
-        S_max = max(S_max, position + 1)
         if not (_is_cache(k_caches[b], shape) and _is_cache(v_caches[b], shape) and 0 <= position < maxT):
             _check_cache(qkv[b:b + 1], k_caches[b], v_caches[b], position, &T, &C, &NH, &maxT)
             if k_caches[b].shape != k_caches[0].shape:
                 raise ValueError(f"k_caches[{b}]: expected the shape of k_caches[0], {k_caches[0].shape}, "
                                  f"got {k_caches[b].shape}")
+        S_max = max(S_max, position + 1)   # position < maxT: no overflow
     _array(out, "out", np.float32, (B, C), True)
     if B > 1 and (scores is not None or probs is not None):
         raise ValueError(f"scores, probs: only for a step of one sequence, got {B}")
