@@ -579,6 +579,16 @@ def test_decode_attention_refuses_bad_arguments():
     with pytest.raises(ValueError, match=r"v_cache: expected shape \(2, 8, 4\), got \(2, 1, 4\)"):
         K.decode_attention(out, qkv, np.zeros((2, NH, maxT, HS), F32),
                            Views([np.zeros((NH, maxT, HS), F32), np.zeros((NH, 1, HS), F32)]), [0, 5], work)
+    # a position is read once: one that changes after the check cannot move the kernel's writes
+    class Shifty:
+        reads = 0
+
+        def __index__(self):
+            Shifty.reads += 1
+            return 0 if Shifty.reads == 1 else 1000
+    row = np.arange(qkv.size, dtype=F32).reshape(qkv.shape)
+    K.decode_attention(out, row, caches[:2], caches[2:4], [0, Shifty()], work)
+    assert np.array_equal(caches[1][:, 0].reshape(-1), row[1, NH * HS:2 * NH * HS])
     # a later row's cache is checked as fully as the first's (the fast path leaves the messages to those checks)
     longer = np.zeros((NH, maxT + 1, HS), F32)
     with pytest.raises(ValueError, match=r"k_caches\[1\]: expected the shape of k_caches\[0\]"):

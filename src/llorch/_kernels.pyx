@@ -5,6 +5,8 @@ Every array must be a C-contiguous numpy array of the stated dtype and shape; an
 ValueError naming the argument, never a read of the wrong memory. Shapes use the names of llorch.h.
 """
 
+import operator
+
 import numpy as np
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t
@@ -328,8 +330,9 @@ def decode_attention(out, qkv, k_caches, v_caches, positions, scratch, scores=No
 
     Every step of a batch calls this once per layer, so the caches past the first and the overlaps are
     checked by a fast path in C; only when that finds something wrong do the full checks run, to say what."""
-    # each argument read once: what is checked is what the kernel gets, whatever a container does on access
-    k_caches, v_caches, positions = tuple(k_caches), tuple(v_caches), tuple(positions)
+    # each argument read once: what is checked is what the kernel gets, whatever a container or an index
+    # object does on access
+    k_caches, v_caches, positions = tuple(k_caches), tuple(v_caches), tuple(map(operator.index, positions))
     cdef int B = len(k_caches)
     if B == 0 or len(v_caches) != B or len(positions) != B:
         raise ValueError(f"k_caches, v_caches, positions: expected one per row of qkv (at least one), got "
