@@ -400,8 +400,14 @@ def test_no_prompt_from_a_terminal_is_an_error(tiny):
 
 
 def test_ctrl_c_exits_130_quietly(checkpoint):
-    process = subprocess.Popen(LLORCH_RUN + ["-m", checkpoint("gpt2"), "-p", PROMPT, "-n", "500"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=TEST_ENV)
+    # a child would inherit an ignored SIGINT (a script's background job ignores it) and run to the end;
+    # a handled one is reset to the default at exec, and Python then turns it into KeyboardInterrupt
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(LLORCH_RUN + ["-m", checkpoint("gpt2"), "-p", PROMPT, "-n", "500"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=TEST_ENV)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     process.stdout.read(1)   # the first generated text: generation is under way
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
