@@ -12,13 +12,12 @@ batched runs /health is polled every HEALTH_POLL_S, to show the event loop answe
 orchestrator asks every few seconds.
 
 The summary gives the ratio of the medians and the median of each repeat's ratio: a repeat's two runs are
-seconds apart, so the second is the steadier on a host whose bandwidth drifts.
+seconds apart, so the latter is the steadier on a host whose bandwidth drifts.
 
 Without --model it uses a seeded random checkpoint at GPT-2 124M's shape, made once in
 /tmp/llorch-bench-gpt2 (the weights' values do not change the speed). Targets: issue 8, ratio >= 4; issue
-16, 8 jobs >= 5.5 and 16 jobs >= 7. The
-daemon runs with --draft none, so that the ratio measures batching alone (bench/speculative.py --daemon
-measures drafts).
+16, 8 jobs >= 5.5 and 16 jobs >= 7. The daemon runs with --draft none, so that the ratio measures batching
+alone (bench/speculative.py --daemon measures drafts).
 """
 
 from __future__ import annotations
