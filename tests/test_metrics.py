@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from test_server import LONG_TINY, Daemon, enc, execute, job, start_in_background
+from test_server import LONG_TINY, Daemon, enc, execute, job, long_job, start_in_background
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
@@ -72,7 +72,7 @@ def test_metrics_move_as_requests_run(daemon):
 
 def test_running_jobs_and_their_kv_caches_are_visible(daemon):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = start_in_background(pool, daemon.url, job("long", max_tokens=1000), tokens=1, headers=AUTH)
+        running = start_in_background(pool, daemon.url, long_job("long"), tokens=1, headers=AUTH)
         during = scrape(daemon.url)
         httpx.post(daemon.url + "/cancel", json={"job_id": "long"}, headers=AUTH, timeout=5.0)
         assert running.result(30).terminal[1]["code"] == "CANCELLED"

@@ -22,7 +22,8 @@ import uuid
 import pytest
 
 # llorch-cpud's test helpers, and its fixtures: the long tiny checkpoint and the in-process model (1 thread)
-from test_server import CallbackReceiver, execute, free_port, greedy_text, job, model, model_path, start_in_background
+from test_server import (LONG_TOKENS, CallbackReceiver, execute, free_port, greedy_text, job, long_job, model, model_path,
+                         start_in_background)
 
 httpx = pytest.importorskip("httpx")
 SERVE_TIMEOUT_S = 120     # a deployment or a recovery, on a loaded 2-core machine
@@ -260,7 +261,7 @@ def test_cancel_reaches_the_replica_holding_the_job_wherever_it_lands(app):
     time)."""
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for round_no in range(6):
-            running = [start_in_background(pool, app.url, job(f"cancel-{round_no}-{i}", max_tokens=900), tokens=1)
+            running = [start_in_background(pool, app.url, long_job(f"cancel-{round_no}-{i}"), tokens=1)
                        for i in range(4)]
             for i, stream in enumerate(running):
                 answer = httpx.post(app.url + "/cancel", json={"job_id": f"cancel-{round_no}-{i}"}, timeout=30)
@@ -277,10 +278,10 @@ def test_cancel_reaches_the_replica_holding_the_job_wherever_it_lands(app):
 def test_a_client_that_hangs_up_cancels_its_job_on_the_replica(app):
     """Serve cancels the ingress's call when the client leaves, and the tunnel the replica's: the job's line
     in the replica's log says CANCELLED, with fewer tokens out than asked."""
-    stream = execute(app.url, job("hang-up", max_tokens=1000), on_event=lambda s: len(s.tokens) >= 1)
+    stream = execute(app.url, long_job("hang-up"), on_event=lambda s: len(s.tokens) >= 1)
     assert stream.names[-1] == "token"
     line = wait_until(lambda: app.log_line("job hang-up:"), "the job's log line", timeout=30)
-    assert "CANCELLED" in line and " 1000 out" not in line, line
+    assert "CANCELLED" in line and f" {LONG_TOKENS} out" not in line, line
 
 
 def wait_until(condition, what: str, timeout: float = SERVE_TIMEOUT_S):
@@ -306,7 +307,7 @@ def test_killing_a_replica_ends_its_streams_cleanly_and_serve_restarts_it(app, m
     names = app.replica_actor_names()
     assert len(names) == 2
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        running = [start_in_background(pool, app.url, job(f"kill-{i}", max_tokens=1000), tokens=1) for i in range(8)]
+        running = [start_in_background(pool, app.url, long_job(f"kill-{i}"), tokens=1) for i in range(8)]
         ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
         ends = [stream.result(timeout=90).terminal for stream in running]   # bounded: never a hang
     failed = [data for name, data in ends if name == "error"]

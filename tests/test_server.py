@@ -1,7 +1,7 @@
 """llorch-cpud over real HTTP on 127.0.0.1 (spec 14): the daemon runs as a subprocess on a free port.
 
-The checkpoint is tiny (2 layers, 64 wide) but has GPT-2's 1024 positions, so a job can run long enough to
-be cancelled or disconnected mid-stream. The daemon, and the in-process model that computes the expected
+The checkpoint is tiny (2 layers, 64 wide) but has 4096 positions, so a job can run long enough to be
+cancelled or disconnected mid-stream (long_job). The daemon, and the in-process model that computes the expected
 texts, run one kernel thread: OpenMP teams stall badly on a loaded 2-core machine, and speed is not under
 test here (bench/batching.py measures it).
 """
@@ -33,7 +33,7 @@ httpx = pytest.importorskip("httpx")       # the server extra (and the test extr
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-LONG_TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=1024)
+LONG_TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=4096)
 START_TIMEOUT_S = 60
 REQUEST_TIMEOUT = httpx.Timeout(60.0)
 enc = llorch.tokenizer()
@@ -162,6 +162,16 @@ def execute(url: str, body: dict | str, on_event=None, headers: dict | None = No
 
 def job(job_id: str, prompt: str = "The quick brown fox", max_tokens: int = 16, **options) -> dict:
     return {"job_id": job_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **options}
+
+
+LONG_TOKENS = 2048   # the most a job may ask for (spec 14)
+
+
+def long_job(job_id: str, **options) -> dict:
+    """A job that runs for a second or two, long enough to be cancelled, queued behind or cut short: sampled,
+    so never drafted (greedy decoding of this random model soon repeats itself, and lookup drafts then take
+    1000 tokens in a fifth of a second), for as many tokens as a job may have."""
+    return job(job_id, max_tokens=LONG_TOKENS, temperature=1.0, seed=1, **options)
 
 
 def start_in_background(pool: concurrent.futures.Executor, url: str, body: dict, tokens: int = 0,
@@ -330,7 +340,7 @@ INVALID_BODIES = {
                       "repetition_penalty", "stop", "stop[0]", "stop[1]", "min_p"}),
     "oversize prompt": (job("big", "x" * 32769), {"prompt"}),
     "body over 1 MiB": (job("huge", "x" * (1 << 20)), {"body"}),
-    "prompt past the context": (job("ctx", "word " * 1000, max_tokens=100), {"prompt"}),
+    "prompt past the context": (job("ctx", "word " * LONG_TINY.n_positions, max_tokens=100), {"prompt"}),
     "not finite": ('{"job_id": "n", "prompt": "a", "max_tokens": 1, "temperature": NaN}', {"temperature"}),
 }
 
@@ -344,12 +354,12 @@ def test_invalid_requests_get_400_listing_every_violated_field(daemon, case):
     assert {e["field"] for e in errors} == fields
     assert all(e["constraint"] and e["message"] for e in errors)
     if case == "prompt past the context":
-        assert "exceeds the context of 1024 positions" in errors[0]["message"]
+        assert f"exceeds the context of {LONG_TINY.n_positions} positions" in errors[0]["message"]
 
 
 def test_duplicate_active_job_id_is_409_and_cancel_ends_the_stream(daemon):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = start_in_background(pool, daemon.url, job("dup", max_tokens=1000), tokens=3)
+        running = start_in_background(pool, daemon.url, long_job("dup"), tokens=3)
         assert execute(daemon.url, job("dup")).status == 409
         response = httpx.post(daemon.url + "/cancel", json={"job_id": "dup"}, timeout=5.0)
         cancelled_at = time.perf_counter()
@@ -357,20 +367,20 @@ def test_duplicate_active_job_id_is_409_and_cancel_ends_the_stream(daemon):
         stream = running.result(timeout=30)
     name, error = stream.terminal
     assert name == "error" and error["code"] == "CANCELLED"
-    assert len(stream.tokens) < 1000 and stream.events[-1][2] - cancelled_at < 1.0
+    assert len(stream.tokens) < LONG_TOKENS and stream.events[-1][2] - cancelled_at < 1.0
     assert httpx.post(daemon.url + "/cancel", json={"job_id": "dup"}, timeout=5.0).status_code == 404
     assert execute(daemon.url, job("dup", max_tokens=2)).terminal[0] == "end"   # the id is free again
 
 
 def test_client_disconnect_cancels_its_job(daemon):
-    stream = execute(daemon.url, job("hangs-up", max_tokens=1000), on_event=lambda s: len(s.tokens) >= 2)
+    stream = execute(daemon.url, long_job("hangs-up"), on_event=lambda s: len(s.tokens) >= 2)
     assert stream.names[-1] == "token"
     daemon.wait_idle()
     deadline = time.monotonic() + 5
     while "job hangs-up:" not in daemon.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     line = next(line for line in daemon.log().splitlines() if "job hangs-up:" in line)
-    assert "CANCELLED" in line and "1000 out" not in line
+    assert "CANCELLED" in line and f"{LONG_TOKENS} out" not in line
 
 
 def robustness_round(url: str, round_no: int) -> list[str]:
@@ -494,7 +504,7 @@ def small_daemon(model_path, tmp_path_factory):
 def test_requests_beyond_the_queue_get_503(small_daemon):
     url = small_daemon.url
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = start_in_background(pool, url, job("running", max_tokens=1000))
+        running = start_in_background(pool, url, long_job("running"))
         queued = pool.submit(execute, url, job("queued", max_tokens=4))
         small_daemon.wait_health(lambda health: health["queued_jobs"] == 1)
         refused = execute(url, job("refused"))
@@ -508,7 +518,7 @@ def test_requests_beyond_the_queue_get_503(small_daemon):
 def test_a_queued_job_whose_client_leaves_is_dropped(small_daemon):
     url = small_daemon.url
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = start_in_background(pool, url, job("occupies-the-slot", max_tokens=1000))
+        running = start_in_background(pool, url, long_job("occupies-the-slot"))
         with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
             with http.stream("POST", url + "/execute", json=job("leaves-the-queue")) as response:
                 assert response.status_code == 200   # the headers come at once, the events after admission
@@ -521,7 +531,7 @@ def test_a_queued_job_whose_client_leaves_is_dropped(small_daemon):
 
 def test_sigterm_past_the_grace_period_cancels_jobs_and_exits_zero(small_daemon):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = start_in_background(pool, small_daemon.url, job("cut-short", max_tokens=1000))
+        running = start_in_background(pool, small_daemon.url, long_job("cut-short"))
         small_daemon.process.send_signal(signal.SIGTERM)
         name, error = running.result(30).terminal
     assert name == "error" and error["code"] == "CANCELLED"

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from test_server import LONG_TINY, Daemon, execute, free_port, job, start_in_background
+from test_server import LONG_TINY, LONG_TOKENS, Daemon, execute, free_port, job, long_job, start_in_background
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -329,8 +329,8 @@ def test_the_drain_answers_503_on_open_connections(model_path, tmp_path):
         assert "--api-key is visible to every local user" in d.log()
         with concurrent.futures.ThreadPoolExecutor(2) as pool, httpx.Client(timeout=30.0, headers=AUTH) as kept:
             assert kept.get(d.url + "/v1/models").status_code == 200   # opens the connection kept alive
-            jobs = [start_in_background(pool, d.url, job("drained", max_tokens=1000), tokens=1, headers=AUTH),
-                    pool.submit(execute, d.url, job("queued", max_tokens=1000), None, AUTH)]
+            jobs = [start_in_background(pool, d.url, long_job("drained"), tokens=1, headers=AUTH),
+                    pool.submit(execute, d.url, long_job("queued"), None, AUTH)]
             d.wait_health(lambda health: health["queued_jobs"] == 1)
             d.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
@@ -342,7 +342,7 @@ def test_the_drain_answers_503_on_open_connections(model_path, tmp_path):
                 httpx.get(d.url + "/health", timeout=2.0)
             ends = [running.result(60).terminal for running in jobs]
         # the running and the queued job had the grace period to finish
-        assert ends == [("end", end) for _, end in ends] and all(end["tokens_out"] == 1000 for _, end in ends)
+        assert ends == [("end", end) for _, end in ends] and all(end["tokens_out"] == LONG_TOKENS for _, end in ends)
         assert d.process.wait(30) == 0
     finally:
         d.stop()
@@ -352,8 +352,8 @@ def test_a_second_signal_exits_at_once(model_path, tmp_path):
     d = Daemon(model_path, tmp_path / "second.log", "--grace-period", "60", "--max-batch", "1")
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            jobs = [start_in_background(pool, d.url, job("long", max_tokens=1000))]
-            jobs += [pool.submit(execute, d.url, job(f"queued-{i}", max_tokens=1000)) for i in range(3)]
+            jobs = [start_in_background(pool, d.url, long_job("long"))]
+            jobs += [pool.submit(execute, d.url, long_job(f"queued-{i}")) for i in range(3)]
             d.wait_health(lambda health: health["queued_jobs"] == 3)
             d.process.send_signal(signal.SIGTERM)
             time.sleep(0.3)
@@ -370,7 +370,7 @@ def test_a_second_signal_exits_at_once(model_path, tmp_path):
 
 
 def test_a_non_streamed_completion_is_cancelled_when_its_client_leaves(secured):
-    body = json.dumps({"prompt": "The client will leave", "max_tokens": 1000}).encode()
+    body = json.dumps({"prompt": "The client will leave", "max_tokens": LONG_TOKENS}).encode()   # sampled
     s = socket.create_connection(("127.0.0.1", secured.port), timeout=5.0)
     s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -384,7 +384,7 @@ def test_a_non_streamed_completion_is_cancelled_when_its_client_leaves(secured):
         if ends:
             break
         time.sleep(0.05)
-    assert ends and "1000 out" not in ends[-1]["message"], ends
+    assert ends and f"{LONG_TOKENS} out" not in ends[-1]["message"], ends
 
 
 # ---- the ready callback ----
