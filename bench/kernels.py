@@ -63,10 +63,15 @@ def cases(rng):
                 return lambda: K.linear_packed(o, x, ps[next(it) % NL if T < 8 else 0], b)
             out.append((f"linear_packed {name} T={T}", "GB/s" if T < 8 else "GFLOP/s",
                         c * oc * 4 if T < 8 else 2 * T * c * oc, make))
-    wte = r(V, C) * 0.02
-    for T in (1, 4):
+    wte_t = np.ascontiguousarray((r(V, C) * 0.02).T)   # the tied lm_head's weight [C, V], as the model packs it
+    for T in (1, 4, 8, 16):
         x, o = r(T, C), np.empty((T, V), np.float32)
-        out.append((f"lm_head T={T}", "GB/s", V * C * 4, lambda K, x=x, o=o: lambda: K.lm_head(o, x, wte)))
+
+        def make(K, x=x, o=o):
+            p = np.empty(wte_t.size, np.float32)
+            K.pack_linear(p, wte_t)
+            return lambda: K.linear_packed(o, x, p, None)
+        out.append((f"lm_head T={T}", "GB/s", V * C * 4, make))
     for T in (1, 128, 512):
         x = r(T, 4 * C)
         o = np.empty_like(x)

@@ -17,7 +17,6 @@ LL_OPS(LL_ISA_DECLARE)
 #include "ops/kv_write.inc"
 #include "ops/attention.inc"
 #include "ops/decode_attention.inc"
-#include "ops/lm_head.inc"
 #include "ops/argmax.inc"
 #include "ops/sampling.inc"
 

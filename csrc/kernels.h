@@ -108,36 +108,6 @@ static inline float vsum(vfloat v) {
     return s;
 }
 
-/* vsum of LL_VLEN vectors at once, bitwise vsum's: transpose them (a[i] lane j <- a[j] lane i), then add
- * the vectors in order, so lane j adds a[j]'s lanes in vsum's order. Far cheaper than LL_VLEN vsums,
- * whose lanes must each be extracted (lm_head's many short dot products). a is overwritten. */
-#define LL_TLO(l, g) (((l) & (g)) ? LL_VLEN + (l) - (g) : (l))   /* swap g-lane blocks of a pair */
-#define LL_THI(l, g) (((l) & (g)) ? LL_VLEN + (l) : (l) + (g))
-#define LL_TSTAGE(g)                                                                            \
-    _Pragma("GCC unroll 16")                                                                    \
-    for (int i = 0; i < LL_VLEN; i++)                                                           \
-        if (!(i & (g))) {                                                                       \
-            const vfloat lo = a[i], hi = a[i + (g)];                                            \
-            a[i] = LL_SHUFFLE(lo, hi, LL_LANES(LL_TLO, g));                                      \
-            a[i + (g)] = LL_SHUFFLE(lo, hi, LL_LANES(LL_THI, g));                                \
-        }
-static inline __attribute__((always_inline)) vfloat vsums(vfloat* a) {
-#if LL_VLEN >= 16
-    LL_TSTAGE(8)
-#endif
-#if LL_VLEN >= 8
-    LL_TSTAGE(4)
-#endif
-    LL_TSTAGE(2)
-    LL_TSTAGE(1)
-    vfloat s = a[0];
-    for (int i = 1; i < LL_VLEN; i++) s += a[i];
-    return s;
-}
-#undef LL_TSTAGE
-#undef LL_TLO
-#undef LL_THI
-
 /* Lanes where mask is true (all bits set, as a vector comparison gives) take a, the others b. */
 static inline vfloat vselect(vint mask, vfloat a, vfloat b) {
     return (vfloat)((mask & (vint)a) | (~mask & (vint)b));

@@ -23,10 +23,11 @@
  * functions (dispatch.c) and the Cython declarations (setup.py reads this text: one X(...) per op,
  * each parameter a (type, name) pair). */
 #define LL_OPS(X) \
-    /* out [T, C] = wte[tokens[t]] + wpe[start_pos + t]; tokens int32 [T] in [0, V), wte [V, C],      \
-     * wpe [maxT, C] with start_pos + T <= maxT */                                                    \
+    /* out [T, C] = wte[tokens[t]] + wpe[start_pos + t]; tokens int32 [T] in [0, V), wpe [maxT, C]  \
+     * with start_pos + T <= maxT; wte as the lm_head holds it: wte^T [C, V] packed by pack_linear  \
+     * (a token's row is a column of it) */                                                          \
     X(void, embed, (float*, out), (const int32_t*, tokens), (const float*, wte), (const float*, wpe), \
-      (int, T), (int, C), (int, start_pos))                                                           \
+      (int, T), (int, C), (int, V), (int, start_pos))                                                 \
     /* out [T, C] = (inp - mean) / sqrt(var + eps) * weight [C] + bias [C] per row, biased variance   \
      * over C; any finite row is normalised (no overflow for rows up to FLT_MAX) */                    \
     X(void, layernorm, (float*, out), (const float*, inp), (const float*, weight), (const float*, bias), \
@@ -64,9 +65,6 @@
     X(void, decode_attention, (float*, out), (float*, scores), (float*, probs), (float*, scratch),    \
       (const float*, qkv), (float* const*, k_caches), (float* const*, v_caches), (const int*, pos),    \
       (int, B), (int, C), (int, NH), (int, maxT))                                                     \
-    /* logits [T, V] = inp [T, C] @ wte [V, C]^T (the tied lm_head: wte is read in place) */          \
-    X(void, lm_head, (float*, logits), (const float*, inp), (const float*, wte), (int, T), (int, C),  \
-      (int, V))                                                                                       \
     /* index of the largest of x [N], N >= 1, the first one on ties; NaN never wins (all NaN: 0) */    \
     X(int, argmax, (const float*, x), (int, N))                                                       \
     /* Sampling (most likely first: logits [V] descending, ties lower id first; logits finite or      \

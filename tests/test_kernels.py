@@ -11,7 +11,7 @@ where `scale` is what bounds float32 rounding for that computation (u = 2**-24, 
   rounded, so it equals the float64 sum rounded to float32; the kernels must match that bit for bit.
 - gelu: scale |x|, rtol 8u: a handful of roundings in x + 0.044715 x^3 and tanhf's few-ulp error, all
   relative to x (for x << 0 the result is a cancellation, but its absolute error stays a few u |x|).
-- a dot product of length K (linear_packed, lm_head, attention's scores and weighted sum of values): scale is the
+- a dot product of length K (linear_packed, attention's scores and weighted sum of values): scale is the
   sum of magnitudes sum_k |a_k b_k| (+ |bias|). Any summation order has error <= K u times it; with
   independent rounding errors it grows like sqrt(K) u, so rtol = dot_rtol(K) = 4 u (sqrt(K) + 2), a margin
   of about 4 standard deviations over the random walk (the measured errors are printed with `-s`).
@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llorch import _kernels as K
+from llorch.weights import pack_wte
 
 U = 2.0 ** -24
 F32 = np.float32
@@ -166,15 +167,18 @@ def ref_attention(q, k, v, start_pos):
 
 # ---- embed, residual, kv_write: exact ----
 
-@pytest.mark.parametrize("T, C, start_pos", [(1, 1, 0), (1, 37, 5), (7, 120, 3), (64, 768, 960)])
-def test_embed(simd, T, C, start_pos):
+@pytest.mark.parametrize("T, C, V, start_pos", [(1, 1, 1, 0), (1, 37, 64, 5), (7, 120, 300, 3),
+                                              (64, 768, 300, 960), (40, 64, 50257, 7)])
+def test_embed(simd, T, C, V, start_pos):
+    """wte as the model holds it (pack_wte: the lm_head's packed [C, V]); rows of full panels and of the
+    narrower last one."""
     rng = np.random.default_rng(T * 1000 + C)
-    V, maxT = 300, 1024
+    maxT = 1024
     wte, wpe = randn(rng, V, C), randn(rng, maxT, C)
     tokens = rng.integers(0, V, T, dtype=np.int32)
     tokens[0] = V - 1
     out = empty(T, C)
-    K.embed(out, tokens, wte, wpe, start_pos)
+    K.embed(out, tokens, pack_wte(wte), wpe, start_pos)
     assert_bitwise(out, (f64(wte[tokens]) + f64(wpe[start_pos:start_pos + T])).astype(F32), "embed")
 
 
@@ -372,25 +376,22 @@ def test_layernorm_property(simd, T, C, offset, seed):
     layernorm_case(np.random.default_rng(seed), T, C, offset=offset)
 
 
-def lm_head_case(rng, T, C, V):
+def test_pack_wte_is_the_transpose_packed():
+    """pack_wte packs a few MiB of wte's rows at a time: the parts together are pack_linear of the whole
+    transpose (here 2 parts, the second ending in a narrower panel)."""
+    wte = randn(np.random.default_rng(8), 50257, 64)
+    assert_bitwise(pack_wte(wte), packed(np.ascontiguousarray(wte.T)), "pack_wte")
+
+
+@pytest.mark.parametrize("T, C, V", [(1, 3, 5), (3, 120, 1027), (1, 64, 50257), (5, 20, 50257), (16, 768, 515)])
+def test_lm_head(simd, T, C, V):
+    """The tied lm_head, logits [T, V] = x [T, C] @ wte^T: linear_packed with no bias over pack_wte(wte)."""
+    rng = np.random.default_rng(T + C + V)
     x, wte = randn(rng, T, C), randn(rng, V, C, scale=0.02)
     logits = empty(T, V)
-    K.lm_head(logits, x, wte)
+    K.linear_packed(logits, x, pack_wte(wte), None)
     ref, scale = ref_linear(x, wte.T, None)
     check("lm_head", logits, ref, scale, dot_rtol(C))
-
-
-@pytest.mark.parametrize("T, C, V", [(1, 1, 1), (1, 3, 5), (2, 37, 257), (3, 120, 1027), (2, 768, 515),
-                                     (1, 64, 50257), (5, 20, 50257),
-                                     (12, 768, 1000), (33, 37, 613)])   # > 8 rows: the other tile shape
-def test_lm_head(simd, T, C, V):
-    lm_head_case(np.random.default_rng(T + C + V), T, C, V)
-
-
-@PROPERTY
-@given(T=st.integers(1, 4), C=st.integers(1, 100), V=st.integers(1, 700), seed=st.integers(0, 2**32 - 1))
-def test_lm_head_property(simd, T, C, V, seed):
-    lm_head_case(np.random.default_rng(seed), T, C, V)
 
 
 # ---- attention ----
@@ -458,12 +459,11 @@ def test_attention_property(simd, NH, HS, T, start_pos, extra, seed):
 
 def test_rows_independent_of_batch(simd):
     rng = np.random.default_rng(11)
-    T, C, OC, V = 19, 120, 200, 300   # 19 rows: GEMM blocks and a remainder, vs the GEMV of one row
-    x, w, b, wte = randn(rng, T, C), randn(rng, C, OC), randn(rng, OC), randn(rng, V, C)
+    T, C, OC = 19, 120, 200   # 19 rows: GEMM blocks and a remainder, vs the GEMV of one row
+    x, w, b = randn(rng, T, C), randn(rng, C, OC), randn(rng, OC)
     wp = packed(w)
     ops = {"linear_packed": (lambda o, r: K.linear_packed(o, r, wp, b), OC),
-           "layernorm": (lambda o, r: K.layernorm(o, r, w[:, 0].copy(), b[:C].copy(), 1e-5), C),
-           "lm_head": (lambda o, r: K.lm_head(o, r, wte), V)}
+           "layernorm": (lambda o, r: K.layernorm(o, r, w[:, 0].copy(), b[:C].copy(), 1e-5), C)}
     for name, (run, width) in ops.items():
         assert_rows_alone(name, run, x, width)
 
@@ -480,14 +480,13 @@ def assert_rows_alone(name, run, x, width):
 
 @pytest.mark.parametrize("T", range(2, 17))
 def test_small_batches_rows_equal_rows_alone(simd, T):
-    """A decode batch of 2..16 rows (the GEMM's row blocks, evened out, and the lm_head's tiles): each row is
-    bitwise the row computed alone, at GPT-2's C and over several panels."""
+    """A decode batch of 2..16 rows (the GEMM's row blocks, evened out): each row is bitwise the row computed
+    alone, at GPT-2's C and over several panels, with a bias and without (the lm_head)."""
     rng = np.random.default_rng(T)
-    C, OC, V = 768, 3 * K.PANEL + 5, 200
-    x, wp, b, wte = randn(rng, T, C), packed(randn(rng, C, OC)), randn(rng, OC), randn(rng, V, C)
-    for name, run, width in (("linear_packed", lambda o, r: K.linear_packed(o, r, wp, b), OC),
-                             ("lm_head", lambda o, r: K.lm_head(o, r, wte), V)):
-        assert_rows_alone(name, run, x, width)
+    C, OC = 768, 3 * K.PANEL + 5
+    x, wp, b = randn(rng, T, C), packed(randn(rng, C, OC)), randn(rng, OC)
+    for name, bias in (("linear_packed", b), ("lm_head", None)):
+        assert_rows_alone(name, lambda o, r: K.linear_packed(o, r, wp, bias), x, OC)
 
 
 def test_attention_prefill_equals_decode(simd):
@@ -666,7 +665,7 @@ def valid_args() -> dict[str, dict]:
     T, C, NH, V, maxT = 2, 6, 2, 5, 4
     cache = lambda: np.zeros((NH, maxT, C // NH), F32)  # noqa: E731
     return {
-        "embed": dict(out=empty(T, C), tokens=np.array([0, V - 1], np.int32), wte=randn(rng, V, C),
+        "embed": dict(out=empty(T, C), tokens=np.array([0, V - 1], np.int32), wte=pack_wte(randn(rng, V, C)),
                       wpe=randn(rng, maxT, C), start_pos=1),
         "layernorm": dict(out=empty(T, C), inp=randn(rng, T, C), weight=randn(rng, C), bias=randn(rng, C), eps=1e-5),
         "linear_packed": dict(out=empty(T, 3), inp=randn(rng, T, C), packed=randn(rng, C * 3), bias=randn(rng, 3)),
@@ -677,7 +676,6 @@ def valid_args() -> dict[str, dict]:
         "attention": dict(out=empty(T, C), probs=empty(NH, T, 3), qkv=randn(rng, T, 3 * C), k_cache=cache(),
                           v_cache=cache(), start_pos=1, scratch=np.zeros(K.attention_scratch_floats(3), F32),
                           scores=empty(NH, T, 3)),
-        "lm_head": dict(logits=empty(T, V), inp=randn(rng, T, C), wte=randn(rng, V, C)),
         "argmax": dict(x=randn(rng, V)),
     }
 
@@ -710,6 +708,8 @@ BAD_ARGUMENTS = [
     ("embed", "start_pos", lambda p: -1, r"positions -1\.\.0 exceed the context of 4"),
     ("embed", "start_pos", lambda p: 2**31 - 1, r"positions 2147483647\.\.2147483648 exceed the context of 4"),
     ("embed", "wte", as_list, r"^wte: expected a numpy array, got list"),
+    ("embed", "wte", lambda w: w[:-1].copy(), r"^wte: expected V rows of C = 6 floats, got 29 floats"),
+    ("embed", "wte", lambda w: w.reshape(5, 6), r"^wte: expected shape \(\?\), got \(5, 6\)"),
     ("embed", "wpe", strided, r"^wpe: expected a C-contiguous array"),
     ("gelu", "out", lambda a: a[:, :5].copy(), r"^out: expected shape \(2, 6\), got \(2, 5\)"),
     ("gelu", "inp", as_float64, r"^inp: expected dtype float32"),
@@ -730,9 +730,6 @@ BAD_ARGUMENTS = [
     ("attention", "scratch", lambda a: a[:-1].copy(), r"^scratch: expected at least attention_scratch_floats\(3\)"),
     ("attention", "scratch", read_only, r"^scratch: expected a writable array"),
     ("attention", "scratch", lambda a: a[None], r"^scratch: expected shape \(\?\)"),
-    ("lm_head", "wte", lambda w: np.ascontiguousarray(w[:, :5]), r"^wte: expected shape \(\?, 6\)"),
-    ("lm_head", "logits", strided, r"^logits: expected a C-contiguous array"),
-    ("lm_head", "inp", as_float64, r"^inp: expected dtype float32"),
     ("argmax", "x", lambda x: x[:0], r"^x: argmax of an empty array"),
     ("argmax", "x", lambda x: x.reshape(1, -1), r"^x: expected shape \(\?\)"),
 ]

@@ -1,4 +1,4 @@
-"""llorch.weights: a checkpoint's tensors prepared for the forward pass (packed, wte copied, pages released)."""
+"""llorch.weights: a checkpoint's tensors prepared for the forward pass (matrices and wte packed, pages released)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from llorch import _kernels as K
 from llorch.checkpoint import BLOCK_TENSORS, SafetensorsFile, expected_shapes, load_weights, resolve_weight_files
 from llorch.config import GPT2Config
-from llorch.weights import PACKED, Block, Weights, attribute, mapped_file, prepared_shapes
+from llorch.weights import PACKED, Block, Weights, attribute, mapped_file, pack_wte, prepared_shapes
 
 
 def checkpoint_tensors(path: str) -> tuple[GPT2Config, dict[str, np.ndarray]]:
@@ -38,16 +38,22 @@ def test_the_packed_matrices_compute_what_the_checkpoints_do(prepared):
             np.testing.assert_allclose(out, x.astype(np.float64) @ matrix + bias, rtol=1e-5, atol=1e-5)
 
 
-def test_everything_else_is_kept_as_read_and_wte_in_own_memory(prepared):
+def test_wte_is_packed_as_the_lm_head_and_everything_else_kept_as_read(prepared):
     config, original, weights = prepared
     tensors = weights.tensors()
     assert {name: t.shape for name, t in tensors.items()} == prepared_shapes(config)
     assert tensors.keys() == expected_shapes(config).keys()
     for name, value in tensors.items():
-        if not name.endswith(PACKED):
+        if not name.endswith(PACKED) and name != "wte.weight":
             np.testing.assert_array_equal(value, original[name], err_msg=name)
-    assert mapped_file(original["wte.weight"]) is not None    # a float32 checkpoint is read in place
+    wte = original["wte.weight"]
+    assert mapped_file(wte) is not None                       # a float32 checkpoint is read in place
+    np.testing.assert_array_equal(weights.wte, pack_wte(wte))
     assert mapped_file(weights.wte) is None                   # the lm_head's matrix is this process's own
+    x = np.random.default_rng(1).standard_normal((2, config.n_embd), dtype=np.float32)
+    logits = np.empty((2, config.vocab_size), np.float32)
+    K.linear_packed(logits, x, weights.wte, None)
+    np.testing.assert_allclose(logits, x.astype(np.float64) @ wte.T, rtol=1e-5, atol=1e-5)
     assert weights.nbytes == sum(t.nbytes for t in original.values())
 
 

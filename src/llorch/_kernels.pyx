@@ -92,12 +92,15 @@ cdef inline float* _ptr(a):
 
 
 def embed(out, tokens, wte, wpe, int start_pos):
-    """out [T, C] = wte[tokens] + wpe[start_pos : start_pos + T]; tokens int32 [T]."""
-    _array(wte, "wte", np.float32, (None, None))
-    cdef int V = wte.shape[0], C = wte.shape[1]
-    _array(tokens, "tokens", np.int32, (None,))
-    cdef int T = tokens.shape[0]
-    _array(out, "out", np.float32, (T, C), True)
+    """out [T, C] = wte[tokens] + wpe[start_pos : start_pos + T]; tokens int32 [T]. wte as the lm_head holds
+    it: pack_linear(wte^T) [C * V], V rows of C floats."""
+    _array(out, "out", np.float32, (None, None), True)
+    cdef int T = out.shape[0], C = out.shape[1]
+    _array(wte, "wte", np.float32, (None,))
+    if C == 0 or wte.shape[0] % C:
+        raise ValueError(f"wte: expected V rows of C = {C} floats, got {wte.shape[0]} floats")
+    cdef int V = wte.shape[0] // C
+    _array(tokens, "tokens", np.int32, (T,))
     _array(wpe, "wpe", np.float32, (None, C))
     _distinct(out, "out", ((wte, "wte"), (wpe, "wpe")))
     if T and (tokens.min() < 0 or tokens.max() >= V):
@@ -110,7 +113,7 @@ def embed(out, tokens, wte, wpe, int start_pos):
     cdef const float* p = _cptr(wpe)
     cdef const int32_t* tp = &tok[0] if T else NULL
     with nogil:
-        ll_embed(o, tp, e, p, T, C, start_pos)
+        ll_embed(o, tp, e, p, T, C, V, start_pos)
 
 
 def layernorm(out, inp, weight, bias, float eps):
@@ -379,21 +382,6 @@ def decode_attention(out, qkv, k_caches, v_caches, positions, scratch, scores=No
             ll_decode_attention(o, sc, p, work, x, kc, vc, pos, B, C, NH, maxT)
     finally:
         PyMem_Free(kc); PyMem_Free(vc); PyMem_Free(pos)
-
-
-def lm_head(logits, inp, wte):
-    """logits [T, V] = inp [T, C] @ wte [V, C]^T."""
-    _array(inp, "inp", np.float32, (None, None))
-    cdef int T = inp.shape[0], C = inp.shape[1]
-    _array(wte, "wte", np.float32, (None, C))
-    cdef int V = wte.shape[0]
-    _array(logits, "logits", np.float32, (T, V), True)
-    _distinct(logits, "logits", ((inp, "inp"), (wte, "wte")))
-    cdef float* o = _ptr(logits)
-    cdef const float* x = _cptr(inp)
-    cdef const float* w = _cptr(wte)
-    with nogil:
-        ll_lm_head(o, x, w, T, C, V)
 
 
 def argmax(x):

@@ -223,7 +223,7 @@ class GPT2:
         else:
             last = np.take(a.ln, picked, axis=0, out=self._ws.get("last", (len(picked), cfg.n_embd)))
         out = np.empty((last.shape[0], cfg.vocab_size), np.float32)   # the caller's: written once, never copied
-        K.lm_head(out, last, w.wte)
+        K.linear_packed(out, last, w.wte, None)   # the lm_head, tied: wte packed as its [C, V] weight
         tracer.record("logits", None, out[-1:])
         if tracer is not NULL_TRACER:
             tracer.record("next_token", None, np.array([K.argmax(out[-1])], dtype=np.int64))

@@ -1,11 +1,11 @@
 """A checkpoint's weights as the model holds them (packed), cached on disk so a later load maps them.
 
-Preparing the weights at load (llorch.weights: the four matrices of each block repacked, wte copied)
+Preparing the weights at load (llorch.weights: the four matrices of each block and wte repacked)
 writes every byte into fresh memory, which the operating system must fault in; a later load instead maps
 this file and populates its pages from the page cache in one call, and decodes as fast from it.
 
-The file is a safetensors file of float32 tensors under HF's names, the four matrices of each block
-flattened in the packed layout. Where: $LLORCH_CACHE_DIR, else $XDG_CACHE_HOME/llorch, else
+The file is a safetensors file of float32 tensors under HF's names, the four matrices of each block and
+wte flattened in the packed layout. Where: $LLORCH_CACHE_DIR, else $XDG_CACHE_HOME/llorch, else
 ~/.cache/llorch; LLORCH_CACHE_DIR=off turns it off. A file's name is a hash of what it was made from
 (each weight file's real path, size, inode, modification and change times, config.json's bytes, the packing
 layout's fingerprint), so a changed checkpoint or a changed layout gets a new file; only a file rewritten in place to the same size within

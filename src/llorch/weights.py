@@ -1,10 +1,11 @@
 """The weights as the forward pass holds them, prepared once at load from a checkpoint's tensors.
 
 Each block's four matrices, HF Conv1D [in, out], are repacked into the column panels of K.linear_packed
-(flat, same size): each thread then streams contiguous memory. wte, which the lm_head streams whole at
-every token, is copied into this process's own memory (anonymous pages, huge pages where the kernel gives
-them) rather than read from the file mapping's 4 KiB pages. Every copy releases the mapped pages it
-replaces as it goes, so preparing costs little more than the weights' size at its peak.
+(flat, same size): each thread then streams contiguous memory. So is wte, as the tied lm_head's [C, V]
+weight (wte transposed): the lm_head is then the same GEMM as every other matrix, whose register tile shares
+each weight read among a decode batch's rows, and K.embed reads a token's row as a column of it. Every copy
+releases the mapped pages it replaces as it goes, so preparing costs little more than the weights' size at
+its peak.
 
 Prepared weights are what llorch.weight_cache stores: `Weights.tensors()` under HF names, the packed
 matrices flat (`prepared_shapes`), and `Weights.from_prepared` takes them back without preparing again.
@@ -48,7 +49,7 @@ class Block:
 
 @dataclass(frozen=True)
 class Weights:
-    wte: np.ndarray        # [V, C], also the lm_head
+    wte: np.ndarray        # [V * C]: wte^T [C, V] packed (the lm_head's weight; K.embed reads its columns)
     wpe: np.ndarray        # [n_positions, C]
     blocks: list[Block]
     ln_f_w: np.ndarray
@@ -57,7 +58,7 @@ class Weights:
     @classmethod
     def prepare(cls, checkpoint: dict[str, np.ndarray], config: GPT2Config,
                 progress: Progress | None = None) -> "Weights":
-        """From a checkpoint's tensors by HF name (llorch.checkpoint.load_weights): matrices packed, wte copied.
+        """From a checkpoint's tensors by HF name (llorch.checkpoint.load_weights): matrices packed, wte too.
         progress, if given, hears of each tensor prepared (stage "preparing the weights")."""
         total, done = sum(checkpoint[name].nbytes for name in expected_shapes(config)), 0
 
@@ -65,7 +66,7 @@ class Weights:
             nonlocal done
             weight = checkpoint[name]
             if name == "wte.weight":
-                weight = _copied(weight)
+                weight = pack_wte(weight)
             elif name.startswith("h.") and name.endswith(PACKED):
                 weight = _packed(weight)
             done += weight.nbytes
@@ -98,8 +99,8 @@ class Weights:
 
 def prepared_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """The shapes of Weights.tensors(): the checkpoint's, with each block's four matrices flat."""
-    return {name: (int(np.prod(shape)),) if name.startswith("h.") and name.endswith(PACKED) else shape
-            for name, shape in expected_shapes(config).items()}
+    return {name: (int(np.prod(shape)),) if name == "wte.weight" or name.startswith("h.") and name.endswith(PACKED)
+            else shape for name, shape in expected_shapes(config).items()}
 
 
 def mapped_file(weight: np.ndarray) -> mmap.mmap | None:
@@ -118,17 +119,19 @@ def _packed(weight: np.ndarray) -> np.ndarray:
     return packed
 
 
-def _copied(weight: np.ndarray) -> np.ndarray:
-    """weight in this process's own memory, replacing the mapped original (_release_mapped); a weight that
-    is already a copy (fp16/bf16 checkpoints) is kept."""
-    if mapped_file(weight) is None:
-        return weight
-    own = np.empty_like(weight)
-    rows = max(1, (8 << 20) // max(1, weight[0].nbytes))   # 8 MiB at a time: the peak stays one chunk over
-    for r in range(0, weight.shape[0], rows):
-        np.copyto(own[r:r + rows], weight[r:r + rows])
-        _release_mapped(weight[r:r + rows])
-    return own
+def pack_wte(wte: np.ndarray) -> np.ndarray:
+    """wte [V, C] as the tied lm_head's weight: its transpose [C, V] packed by K.pack_linear, a few MiB of
+    rows at a time (each mapped part released as it goes, _release_mapped). Panels are contiguous and in
+    column order, so whole panels of columns pack on their own into their place: rows [r, r + n) of wte, n a
+    multiple of K.PANEL but for the last part, are the floats [r C, (r + n) C) of the packed whole."""
+    V, C = wte.shape
+    packed = np.empty(wte.size, dtype=np.float32)
+    rows = K.PANEL * max(1, (8 << 20) // max(1, K.PANEL * wte[0].nbytes))
+    for r in range(0, V, rows):
+        part = wte[r:r + rows]
+        K.pack_linear(packed[r * C:(r + part.shape[0]) * C], np.ascontiguousarray(part.T))
+        _release_mapped(part)
+    return packed
 
 
 def _release_mapped(weight: np.ndarray) -> None:
