@@ -11,6 +11,7 @@ only the attention run per sequence.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from typing import Container, NamedTuple, Sequence
@@ -81,7 +82,7 @@ class Workspace:
         self._flat: dict[str, np.ndarray] = {}
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        size = int(np.prod(shape))
+        size = math.prod(shape)   # not np.prod: 2 us a call, ~20 calls a pass
         flat = self._flat.get(name)
         if flat is None or flat.size < size:
             grown = max(size, 2 * flat.size) if flat is not None else size
