@@ -27,6 +27,7 @@ from llorch.logits import LogitsProcessor
 from llorch.sampling import Sampler
 from llorch.config import GPT2Config
 from llorch.runtime import thread_setting
+from llorch.server import MAX_NEW_TOKENS
 from llorch.testing import make_checkpoint
 
 httpx = pytest.importorskip("httpx")       # the server extra (and the test extra, which includes it)
@@ -164,7 +165,7 @@ def job(job_id: str, prompt: str = "The quick brown fox", max_tokens: int = 16, 
     return {"job_id": job_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **options}
 
 
-LONG_TOKENS = 2048   # the most a job may ask for (spec 14)
+LONG_TOKENS = MAX_NEW_TOKENS   # the most a job may ask for (spec 14)
 
 
 def long_job(job_id: str, **options) -> dict:

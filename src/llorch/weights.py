@@ -98,8 +98,8 @@ class Weights:
 
 
 def prepared_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
-    """The shapes of Weights.tensors(): the checkpoint's, with each block's four matrices flat."""
-    return {name: (int(np.prod(shape)),) if name == "wte.weight" or name.startswith("h.") and name.endswith(PACKED)
+    """The shapes of Weights.tensors(): the checkpoint's, with wte and each block's four matrices flat."""
+    return {name: (int(np.prod(shape)),) if name == "wte.weight" or (name.startswith("h.") and name.endswith(PACKED))
             else shape for name, shape in expected_shapes(config).items()}
 
 
