@@ -18,7 +18,8 @@ from llorch.generate import Session, StopReason, run
 from llorch.logits import LogitsProcessor
 from llorch.sampling import Sampler
 from llorch.prefix_cache import BLOCK_TOKENS
-from llorch.scheduler import FailureCode, Job, JobEnded, JobFailed, JobStarted, Rejected, Scheduler, TokenReleased
+from llorch.scheduler import (GATHER_INTERVALS, FailureCode, Job, JobEnded, JobFailed, JobStarted, Rejected, Scheduler,
+                              TokenReleased)
 from llorch.testing import make_checkpoint
 from llorch.tokenizer import EOT_TOKEN
 
@@ -194,6 +195,60 @@ def test_draining_finishes_running_jobs_and_stop_cancels_the_rest(make_scheduler
     scheduler.stop(TIMEOUT_S)
     assert cut_short.wait() == JobFailed(FailureCode.CANCELLED, "the worker is shutting down")
     assert scheduler.counts() == (0, 0)
+
+
+class SegmentCounter:
+    """The model, recording how many sequences each stacked pass runs."""
+
+    def __init__(self, model) -> None:
+        self.model, self.passes = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward_batch(self, segments, **options):
+        self.passes.append(len(segments))
+        return self.model.forward_batch(segments, **options)
+
+
+def submit_spaced(scheduler: Scheduler, n: int, every_s: float) -> list[Sink]:
+    """n short jobs submitted every_s apart, as requests parsed one after another reach the scheduler."""
+    sinks = [Sink() for _ in range(n)]
+    for i, sink in enumerate(sinks):
+        if i:
+            time.sleep(every_s)
+        scheduler.submit(job(f"spaced-{i}", f"Job {i} of a burst:", 3, sink))
+    return sinks
+
+
+def test_jobs_sent_together_to_an_idle_scheduler_start_in_one_step(make_scheduler, path):
+    """Each job comes within gather_s of the one before: the first pass runs every prompt, and the jobs end
+    together, with the tokens they get alone."""
+    counter = SegmentCounter(llorch.load(path))
+    scheduler = make_scheduler(load=lambda: counter, gather_s=0.5)
+    sinks = submit_spaced(scheduler, 4, 0.05)
+    assert all(isinstance(sink.wait(), JobEnded) for sink in sinks)
+    assert counter.passes == [4, 4, 4]   # the prompts, then two decode steps of all four
+
+
+def test_a_full_batch_or_the_gathering_limit_ends_the_wait(make_scheduler, path):
+    # max_batch jobs queued: the first step starts at once, not after gather_s
+    scheduler = make_scheduler(max_batch=2, gather_s=30.0)
+    started = time.monotonic()
+    assert all(isinstance(sink.wait(), JobEnded) for sink in submit_spaced(scheduler, 2, 0.0))
+    assert time.monotonic() - started < 15.0
+    # jobs that keep coming wait GATHER_INTERVALS * gather_s at most: the first step leaves later ones out
+    counter = SegmentCounter(llorch.load(path))
+    scheduler = make_scheduler(max_batch=64, max_queue=64, load=lambda: counter, gather_s=0.05)
+    total = round(3 * GATHER_INTERVALS * 0.05 / 0.02)   # 1.5 s of jobs every 0.02 s: three times the limit
+    assert all(isinstance(sink.wait(), JobEnded) for sink in submit_spaced(scheduler, total, 0.02))
+    assert counter.passes[0] < total
+
+
+def test_the_scheduler_refuses_a_negative_or_infinite_gather_interval(path):
+    for gather_s in (-0.001, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="gather_s"):
+            Scheduler(lambda: llorch.load(path), max_batch=1, max_queue=1, gather_s=gather_s)
 
 
 LONG_PROMPT = "A long prompt, to be prefilled in many chunks: " + " ".join(f"item {i}," for i in range(60))

@@ -449,6 +449,9 @@ def test_missing_extra_and_bad_options_exit_2_with_a_message(model_path):
     bad = subprocess.run([sys.executable, "-m", "llorch.server", "--model", model_path, "--port", "1",
                           "--max-batch", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--max-batch must be >= 1" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "llorch.server", "--model", model_path, "--port", "1",
+                          "--gather-ms", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--gather-ms must be a number >= 0, got -1.0" in bad.stderr
 
 
 def test_a_model_that_cannot_be_loaded_exits_2(tmp_path):

@@ -10,7 +10,8 @@ speculative decoding) within what the prompts left of the budget. Each job whose
 it to its Session (a drafting job its rows, while they confirm its drafts); the jobs that finished leave. So
 a long prompt never holds the running streams for more than one step's budget. Jobs join and leave only
 between steps; each row is computed bitwise as if its job ran alone, so neither batching, chunking, drafts
-nor the prefix cache change a job's tokens.
+nor the prefix cache change a job's tokens. Woken from idle, the scheduler waits a moment (gather_s) for
+the jobs sent together with the first, so that a burst starts, and ends, in one step.
 
 Everything that touches the model runs on the scheduler thread: the model is not thread-safe. Other threads
 only submit and cancel jobs, under a lock, and receive a job's events -- JobStarted, TokenReleased, then
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -52,6 +54,13 @@ DEFAULT_CACHE_BYTES = 512 * 2**20
 # drafts ride along almost free; with many, the step is compute-bound and drafts would slow every job down.
 # Drafts also share the step's prompt budget, after the prompts (spec 14, requirement 12a).
 DRAFT_MAX_JOBS = 4
+# Requests sent together reach the scheduler over a few ms, as the event loop parses each in turn. Started by
+# its first job alone, a burst runs the others' prompts in later steps, while that job decodes, and ends over as
+# many steps, each reading every weight for fewer rows. So an idle scheduler that gets a job waits until none
+# has come for gather_s, for at most GATHER_INTERVALS of them, before its first step; a lone job waits
+# gather_s once (spec 14, requirement 12).
+DEFAULT_GATHER_S = 0.002
+GATHER_INTERVALS = 10
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,8 @@ class Scheduler:
     """Owns the model on its own thread and runs every job through it, max_batch at a time, with at most
     step_tokens prompt rows per step and a prefix cache of cache_bytes. With draft="lookup" (the default;
     None turns it off) greedy jobs decode speculatively while at most DRAFT_MAX_JOBS jobs decode;
-    `drafted_tokens` and `accepted_tokens` count the drafts run and those taken.
+    `drafted_tokens` and `accepted_tokens` count the drafts run and those taken. Woken from idle by a job, it
+    waits until no other has come for gather_s (0: not at all), for at most GATHER_INTERVALS of them.
 
     `loaded` is a Future of the model: it completes once the thread has loaded it (or failed to);
     `build_info` is then llorch.build_info() as the scheduler thread sees it (its threads, SIMD path).
@@ -188,13 +198,15 @@ class Scheduler:
 
     def __init__(self, load_model: Callable[[], GPT2], *, max_batch: int, max_queue: int,
                  threads: int | str | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, draft: str | None = "lookup") -> None:
-        if max_batch < 1 or max_queue < 0 or step_tokens < 1:
-            raise ValueError(f"max_batch and step_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
-                             f"{step_tokens} and {max_queue}")
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, draft: str | None = "lookup",
+                 gather_s: float = DEFAULT_GATHER_S) -> None:
+        if max_batch < 1 or max_queue < 0 or step_tokens < 1 or not 0 <= gather_s < math.inf:
+            raise ValueError(f"max_batch and step_tokens must be >= 1, max_queue and gather_s >= 0, got {max_batch}, "
+                             f"{step_tokens}, {max_queue} and {gather_s}")
         if draft is not None and draft not in DRAFTS:
             raise ValueError(f"draft must be one of {', '.join(DRAFTS)} or None, got {draft!r}")
         self.max_batch, self.max_queue, self.step_tokens, self.draft = max_batch, max_queue, step_tokens, draft
+        self.gather_s = gather_s
         self.drafted_tokens = self.accepted_tokens = 0
         self.prefix_cache = PrefixCache(cache_bytes)
         self.loaded: concurrent.futures.Future[GPT2] = concurrent.futures.Future()
@@ -308,8 +320,9 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._queue or self._active or self._stopping):
-                    self._lock.wait()
+                if self._idle():
+                    self._lock.wait_for(lambda: not self._idle())
+                    self._gather()
                 if self._stopping and not self._jobs:
                     return
             try:
@@ -320,6 +333,23 @@ class Scheduler:
             if self._outgoing:
                 self._deliveries.put(self._outgoing)
                 self._outgoing = []
+
+    def _idle(self) -> bool:
+        return not (self._queue or self._active or self._stopping)
+
+    def _gather(self) -> None:
+        """Woken from idle by a job, wait while more keep coming, so that jobs sent together start in one step
+        (called holding self._lock)."""
+        deadline = time.perf_counter() + GATHER_INTERVALS * self.gather_s
+        seen = len(self._queue)
+        while self.gather_s and seen < self.max_batch and not self._stopping:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._lock.wait(min(self.gather_s, left))
+            if len(self._queue) == seen:   # quiet for a whole interval (or woken by a cancel)
+                return
+            seen = len(self._queue)
 
     def _deliver(self) -> None:
         while (events := self._deliveries.get()) is not None:

@@ -41,8 +41,9 @@ from llorch.hub import resolve_model
 from llorch.logits import LogitsProcessor, TopLogprobs
 from llorch.runtime import threads_beyond_cpus
 from llorch.sampling import Sampler
-from llorch.scheduler import (DEFAULT_CACHE_BYTES, DEFAULT_STEP_TOKENS, FailureCode, Job, JobEnded, JobEvent,
-                              JobFailed, JobStarted, PromptScored, Rejected, Scheduler, TokenReleased)
+from llorch.scheduler import (DEFAULT_CACHE_BYTES, DEFAULT_GATHER_S, DEFAULT_STEP_TOKENS, GATHER_INTERVALS, FailureCode,
+                              Job, JobEnded, JobEvent, JobFailed, JobStarted, PromptScored, Rejected, Scheduler,
+                              TokenReleased)
 
 try:
     import httpx
@@ -279,7 +280,8 @@ class Worker:
         self.grace_s = args.grace_period
         self.scheduler = Scheduler(lambda: llorch.load(resolve_model(args.model)), max_batch=args.max_batch,
                                    max_queue=args.max_queue, threads=args.threads, step_tokens=args.step_tokens,
-                                   cache_bytes=args.cache_bytes, draft=None if args.draft == "none" else args.draft)
+                                   cache_bytes=args.cache_bytes, draft=None if args.draft == "none" else args.draft,
+                                   gather_s=args.gather_ms / 1e3)
         self.metrics = Metrics(self.scheduler.counts, self.kv_cache_bytes,
                                lambda: (self.scheduler.drafted_tokens, self.scheduler.accepted_tokens))
         self.encoding = llorch.tokenizer()
@@ -936,6 +938,10 @@ def build_parser() -> ArgumentParser:
                         "(default: 64)")
     parser.add_argument("--step-tokens", type=int, default=DEFAULT_STEP_TOKENS,
                         help=f"prompt rows per scheduler step, beside the decode rows (default: {DEFAULT_STEP_TOKENS})")
+    parser.add_argument("--gather-ms", type=float, default=DEFAULT_GATHER_S * 1e3, metavar="MS",
+                        help="when idle, how long the scheduler waits after a job for others sent with it, so that "
+                             f"they start in one step (while they keep coming, up to {GATHER_INTERVALS} times this; "
+                             f"0: no wait; default: {DEFAULT_GATHER_S * 1e3:g})")
     parser.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
                         help=f"prefix cache size in bytes, 0 for none (default: {DEFAULT_CACHE_BYTES})")
     parser.add_argument("--draft", choices=DRAFT_CHOICES, default="lookup",
@@ -1069,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
                              ("--step-tokens", args.step_tokens, 1), ("--cache-bytes", args.cache_bytes, 0)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
+    if not 0 <= args.gather_ms < math.inf:
+        parser.error(f"--gather-ms must be a number >= 0, got {args.gather_ms}")
     for name, value in (("--request-timeout", args.request_timeout), ("--keep-alive-timeout", args.keep_alive_timeout),
                         ("--callback-timeout", args.callback_timeout)):
         if not value > 0:
