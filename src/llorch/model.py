@@ -99,11 +99,8 @@ class GPT2:
         self.config = config
         self.weights = weights
         self.name = name
+        self.weight_bytes = weights.nbytes   # asked for by every /health and every job's end
         self._ws = Workspace()
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.weights.nbytes
 
     def new_cache(self) -> KVCache:
         """An empty cache: a new sequence, for forward and decode_batch."""

@@ -222,6 +222,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._serve, name="llorch-scheduler", daemon=True)
         # events of a step, posted once it is done, and handed to their jobs' emit by the delivery thread
         self._outgoing: list[tuple[Callable[[JobEvent], None], JobEvent]] = []
+        self._left: list[Job] = []           # retired this step: their sessions are dropped after it
         self._deliveries: queue.SimpleQueue = queue.SimpleQueue()
         self._delivery = threading.Thread(target=self._deliver, name="llorch-events", daemon=True)
 
@@ -333,6 +334,11 @@ class Scheduler:
             if self._outgoing:
                 self._deliveries.put(self._outgoing)
                 self._outgoing = []
+            # only now, so that the step's last events do not wait for it: unmapping a job's KV cache takes
+            # ~0.7 ms at 124M (8 jobs ending together: 5.5 ms)
+            for job in self._left:
+                job.session = job.drafter = None
+            self._left = []
 
     def _idle(self) -> bool:
         return not (self._queue or self._active or self._stopping)
@@ -512,7 +518,7 @@ class Scheduler:
         for job in leaving:
             if not job.finished:
                 self._post(job, job.fail(FailureCode.CANCELLED, job.cancel_reason))
-            job.session = job.drafter = None   # its cache's memory goes back
+        self._left += leaving   # their caches' memory goes back once the step's events are out
 
     def _fail_all(self, code: FailureCode, message: str) -> None:
         with self._lock:
