@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 
 import pytest
 
@@ -14,6 +15,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families   # noqa: E402
 
+from llorch.scheduler import SPARE_CACHES_IDLE_S   # noqa: E402
 from llorch.testing import make_checkpoint   # noqa: E402
 
 KEY = "metrics-key"
@@ -66,7 +68,7 @@ def test_metrics_move_as_requests_run(daemon):
     assert moved("llorch:http_requests_total", ("route", "/execute"), ("status", "400")) == 1
     assert moved("llorch:http_requests_total", ("route", "/metrics"), ("status", "200")) == 1   # the first scrape
     assert after[("llorch:num_requests_running",)] == after[("llorch:num_requests_waiting",)] == 0
-    assert after[("llorch:kv_cache_usage_bytes",)] == 0
+    assert after[("llorch:kv_cache_usage_bytes",)] == KV_CACHE_BYTES   # the job's, kept for the next job
     assert after[("llorch:kernel_threads",)] == 1   # the daemon's --threads 1
 
 
@@ -77,7 +79,12 @@ def test_running_jobs_and_their_kv_caches_are_visible(daemon):
         httpx.post(daemon.url + "/cancel", json={"job_id": "long"}, headers=AUTH, timeout=5.0)
         assert running.result(30).terminal[1]["code"] == "CANCELLED"
     assert during[("llorch:num_requests_running",)] == 1
-    assert during[("llorch:kv_cache_usage_bytes",)] == KV_CACHE_BYTES
+    assert during[("llorch:kv_cache_usage_bytes",)] == KV_CACHE_BYTES   # the spare cache, taken by the job
     daemon.wait_idle()
     idle = scrape(daemon.url)
-    assert idle[("llorch:num_requests_running",)] == 0 and idle[("llorch:kv_cache_usage_bytes",)] == 0
+    assert idle[("llorch:num_requests_running",)] == 0 and idle[("llorch:kv_cache_usage_bytes",)] == KV_CACHE_BYTES
+    # once the worker has been idle for SPARE_CACHES_IDLE_S, the spare cache is dropped
+    deadline = time.monotonic() + SPARE_CACHES_IDLE_S + 30
+    while scrape(daemon.url)[("llorch:kv_cache_usage_bytes",)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scrape(daemon.url)[("llorch:kv_cache_usage_bytes",)] == 0

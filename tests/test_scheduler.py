@@ -245,6 +245,39 @@ def test_a_full_batch_or_the_gathering_limit_ends_the_wait(make_scheduler, path)
     assert counter.passes[0] < total
 
 
+class CacheRecorder:
+    """The model, recording the KV caches each stacked pass continues."""
+
+    def __init__(self, model) -> None:
+        self.model, self.caches = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward_batch(self, segments, **options):
+        self.caches.append([cache for _, cache in segments])
+        return self.model.forward_batch(segments, **options)
+
+
+def test_a_job_takes_the_cache_a_job_that_left_gave_back_and_gets_its_own_tokens(make_scheduler, alone, path,
+                                                                                  monkeypatch):
+    """The cache keeps the long prompt's rows, none of which the next job reads; after SPARE_CACHES_IDLE_S
+    of idleness the spare cache is dropped and memory is back at the weights and the prefix cache."""
+    monkeypatch.setattr(llorch.scheduler, "SPARE_CACHES_IDLE_S", 1.0)
+    recorder = CacheRecorder(llorch.load(path))
+    scheduler, first, second = make_scheduler(load=lambda: recorder, cache_bytes=0), Sink(), Sink()
+    one_cache = 2 * LONG_TINY.n_layer * LONG_TINY.n_positions * LONG_TINY.n_embd * 4
+    baseline = scheduler.memory_bytes()
+    scheduler.submit(job("long", LONG_PROMPT, 30, first, temperature=1.0, seed=1))
+    assert isinstance(first.wait(), JobEnded)
+    assert scheduler.memory_bytes() == baseline + one_cache   # in use, then kept
+    scheduler.submit(job("short", "Hello", 12, second, temperature=1.0, seed=2))
+    assert isinstance(second.wait(), JobEnded)
+    assert released(second) == alone("Hello", 12, temperature=1.0, seed=2)
+    assert recorder.caches[0][0] is recorder.caches[-1][0]   # the first job's cache served the second
+    wait_until(lambda: scheduler.memory_bytes() == baseline)
+
+
 def test_the_scheduler_refuses_a_negative_or_infinite_gather_interval(path):
     for gather_s in (-0.001, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="gather_s"):

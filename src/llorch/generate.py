@@ -27,7 +27,7 @@ from .stream import StopStrings, StreamDecoder
 from .tokenizer import EOT_TOKEN, tokenizer
 
 if TYPE_CHECKING:
-    from .model import GPT2
+    from .model import GPT2, KVCache
     from .trace import Tracer
 
 
@@ -64,17 +64,20 @@ class Session:
     back (an unfinished character as U+FFFD, the start of a stop string that did not complete).
 
     A processor (llorch.logits) changes each row before the sampler sees it. With logprobs=N (0 or more),
-    each Step also carries the token's log-prob and the N most likely tokens', from the processed row."""
+    each Step also carries the token's log-prob and the N most likely tokens', from the processed row.
+    cache: a KV cache to reuse (its length is reset; what it held is never read), else a new one."""
 
     def __init__(self, model: GPT2, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler, *,
                  eos_token_id: int | None = EOT_TOKEN, stop: Sequence[str] = (),
-                 processor: LogitsProcessor | None = None, logprobs: int | None = None) -> None:
+                 processor: LogitsProcessor | None = None, logprobs: int | None = None,
+                 cache: KVCache | None = None) -> None:
         model.check_request(prompt_ids, max_new_tokens)
         self.processor, self.logprobs = processor, logprobs
         self._stops = StopStrings(stop)
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens, self.sampler, self.eos_token_id = max_new_tokens, sampler, eos_token_id
-        self.cache = model.new_cache()
+        self.cache = model.new_cache() if cache is None else cache   # a given cache's old rows are never read
+        self.cache.length = 0
         self.tokens: list[int] = []
         self.stop_reason: StopReason | None = None
         self.first_token_at = self.last_token_at = 0.0   # perf_counter() when they were sampled

@@ -36,8 +36,9 @@ class Metrics:
               registry=registry).set_function(lambda: counts()[0])
         Gauge("llorch:num_requests_waiting", "Jobs waiting in the queue for a place in the batch.",
               registry=registry).set_function(lambda: counts()[1])
-        Gauge("llorch:kv_cache_usage_bytes", "Bytes reserved by the KV caches of the jobs in the batch (full "
-              "size; only the written positions are resident).", registry=registry).set_function(kv_cache_bytes)
+        Gauge("llorch:kv_cache_usage_bytes", "Bytes reserved by the KV caches of the jobs in the batch and the "
+              "spare ones (full size; only the written positions are resident), and by the prefix cache.",
+              registry=registry).set_function(kv_cache_bytes)
         registry.register(DraftCounters(drafts))
         Gauge("llorch:kernel_threads", "Threads the kernels run with: the fixed count, or auto's latest choice.",
               registry=registry).set_function(kernel_threads)

@@ -2,7 +2,7 @@
 (spec 14).
 
 Each step the scheduler retires cancelled jobs, admits queued ones up to max_batch (a generation Session
-each, with a fresh KV cache), then runs ONE stacked pass (`model.forward_batch`): the next token of every
+each, with the KV cache a job that left, if any, gave back), then runs ONE stacked pass (`model.forward_batch`): the next token of every
 decoding job, plus at most step_tokens rows of the prompts still being prefilled, taken in admission order
 and split at any position. A prompt's rows that the prefix cache holds are copied instead of computed. While
 few jobs decode, a greedy job's next token brings its drafts along (llorch.generate.LookupDrafter: exact
@@ -38,7 +38,7 @@ import numpy as np
 
 from .generate import DRAFTS, LookupDrafter, NonFiniteError, Session, Step, StopReason
 from .logits import LogitsProcessor, TopLogprobs
-from .model import GPT2, PREFILL_ROWS
+from .model import GPT2, PREFILL_ROWS, KVCache
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .runtime import build_info, set_num_threads
 from .sampling import Sampler
@@ -61,6 +61,10 @@ DRAFT_MAX_JOBS = 4
 # gather_s once (spec 14, requirement 12).
 DEFAULT_GATHER_S = 0.002
 GATHER_INTERVALS = 10
+# A job's first writes to a new KV cache fault its pages in (~6 ms of a 64-token job at 124M, on the model's
+# threads), and dropping it unmaps them (~0.7 ms). So the caches of jobs that left are kept for the next
+# jobs, and dropped once the worker has been idle this long: memory then falls back to the baseline.
+SPARE_CACHES_IDLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._serve, name="llorch-scheduler", daemon=True)
         # events of a step, posted once it is done, and handed to their jobs' emit by the delivery thread
         self._outgoing: list[tuple[Callable[[JobEvent], None], JobEvent]] = []
-        self._left: list[Job] = []           # retired this step: their sessions are dropped after it
+        self._spare_caches: list[KVCache] = []   # of jobs that left, for the next ones
         self._deliveries: queue.SimpleQueue = queue.SimpleQueue()
         self._delivery = threading.Thread(target=self._deliver, name="llorch-events", daemon=True)
 
@@ -291,14 +295,15 @@ class Scheduler:
             return len(self._active), len(self._queue)
 
     def memory_bytes(self) -> int:
-        """The weights, the KV caches of the active jobs (their full size, resident or not) and the prefix
-        cache."""
+        """The weights, the KV caches of the active jobs and those kept for the next ones (their full size,
+        resident or not) and the prefix cache."""
         model = self._model
         if model is None:
             return 0
         cfg = model.config
         cache_bytes = 2 * cfg.n_layer * cfg.n_positions * cfg.n_embd * 4   # k and v, float32
-        return model.weight_bytes + self.counts()[0] * cache_bytes + self.prefix_cache.nbytes
+        caches = self.counts()[0] + len(self._spare_caches)
+        return model.weight_bytes + caches * cache_bytes + self.prefix_cache.nbytes
 
     # ---- the scheduler thread ----
 
@@ -322,7 +327,10 @@ class Scheduler:
         while True:
             with self._lock:
                 if self._idle():
-                    self._lock.wait_for(lambda: not self._idle())
+                    if not self._lock.wait_for(lambda: not self._idle(),
+                                               SPARE_CACHES_IDLE_S if self._spare_caches else None):
+                        self._spare_caches.clear()   # idle long enough: their pages go back
+                        self._lock.wait_for(lambda: not self._idle())
                     self._gather()
                 if self._stopping and not self._jobs:
                     return
@@ -334,11 +342,6 @@ class Scheduler:
             if self._outgoing:
                 self._deliveries.put(self._outgoing)
                 self._outgoing = []
-            # only now, so that the step's last events do not wait for it: unmapping a job's KV cache takes
-            # ~0.7 ms at 124M (8 jobs ending together: 5.5 ms)
-            for job in self._left:
-                job.session = job.drafter = None
-            self._left = []
 
     def _idle(self) -> bool:
         return not (self._queue or self._active or self._stopping)
@@ -411,11 +414,10 @@ class Scheduler:
         for job in admitted:
             job.admitted_at = time.perf_counter()
             self._post(job, JobStarted(job.job_id, datetime.now(timezone.utc)))
-            # A fresh cache per job rather than one per slot reused: its pages are resident only as they are
-            # written, and dropping it returns them, so memory falls back to the baseline when idle.
             try:
+                spare = self._spare_caches.pop() if self._spare_caches else None
                 job.session = Session(self._model, job.prompt_ids, job.max_tokens, job.sampler, stop=job.stop,
-                                      processor=job.processor, logprobs=job.logprobs)
+                                      processor=job.processor, logprobs=job.logprobs, cache=spare)
                 if self.draft is not None and job.sampler.temperature == 0:
                     job.drafter = LookupDrafter(job.session)
             except ValueError as e:
@@ -518,7 +520,9 @@ class Scheduler:
         for job in leaving:
             if not job.finished:
                 self._post(job, job.fail(FailureCode.CANCELLED, job.cancel_reason))
-        self._left += leaving   # their caches' memory goes back once the step's events are out
+            if job.session is not None:   # a slot's cache, in use or spare: at most max_batch in all
+                self._spare_caches.append(job.session.cache)
+            job.session = job.drafter = None
 
     def _fail_all(self, code: FailureCode, message: str) -> None:
         with self._lock:
