@@ -197,8 +197,8 @@ def test_draining_finishes_running_jobs_and_stop_cancels_the_rest(make_scheduler
     assert scheduler.counts() == (0, 0)
 
 
-class SegmentCounter:
-    """The model, recording how many sequences each stacked pass runs."""
+class CacheRecorder:
+    """The model, recording the KV caches each stacked pass continues, one per sequence."""
 
     def __init__(self, model) -> None:
         self.model, self.passes = model, []
@@ -207,7 +207,7 @@ class SegmentCounter:
         return getattr(self.model, name)
 
     def forward_batch(self, segments, **options):
-        self.passes.append(len(segments))
+        self.passes.append([cache for _, cache in segments])
         return self.model.forward_batch(segments, **options)
 
 
@@ -221,14 +221,15 @@ def submit_spaced(scheduler: Scheduler, n: int, every_s: float) -> list[Sink]:
     return sinks
 
 
-def test_jobs_sent_together_to_an_idle_scheduler_start_in_one_step(make_scheduler, path):
+def test_jobs_sent_together_to_an_idle_scheduler_start_in_one_step(make_scheduler, alone, path):
     """Each job comes within gather_s of the one before: the first pass runs every prompt, and the jobs end
     together, with the tokens they get alone."""
-    counter = SegmentCounter(llorch.load(path))
-    scheduler = make_scheduler(load=lambda: counter, gather_s=0.5)
+    recorder = CacheRecorder(llorch.load(path))
+    scheduler = make_scheduler(load=lambda: recorder, gather_s=0.5)
     sinks = submit_spaced(scheduler, 4, 0.05)
     assert all(isinstance(sink.wait(), JobEnded) for sink in sinks)
-    assert counter.passes == [4, 4, 4]   # the prompts, then two decode steps of all four
+    assert [len(caches) for caches in recorder.passes] == [4, 4, 4]   # the prompts, then two decode steps
+    assert [released(sink) for sink in sinks] == [alone(f"Job {i} of a burst:", 3) for i in range(4)]
 
 
 def test_a_full_batch_or_the_gathering_limit_ends_the_wait(make_scheduler, path):
@@ -238,25 +239,11 @@ def test_a_full_batch_or_the_gathering_limit_ends_the_wait(make_scheduler, path)
     assert all(isinstance(sink.wait(), JobEnded) for sink in submit_spaced(scheduler, 2, 0.0))
     assert time.monotonic() - started < 15.0
     # jobs that keep coming wait GATHER_INTERVALS * gather_s at most: the first step leaves later ones out
-    counter = SegmentCounter(llorch.load(path))
-    scheduler = make_scheduler(max_batch=64, max_queue=64, load=lambda: counter, gather_s=0.05)
+    recorder = CacheRecorder(llorch.load(path))
+    scheduler = make_scheduler(max_batch=64, max_queue=64, load=lambda: recorder, gather_s=0.05)
     total = round(3 * GATHER_INTERVALS * 0.05 / 0.02)   # 1.5 s of jobs every 0.02 s: three times the limit
     assert all(isinstance(sink.wait(), JobEnded) for sink in submit_spaced(scheduler, total, 0.02))
-    assert counter.passes[0] < total
-
-
-class CacheRecorder:
-    """The model, recording the KV caches each stacked pass continues."""
-
-    def __init__(self, model) -> None:
-        self.model, self.caches = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def forward_batch(self, segments, **options):
-        self.caches.append([cache for _, cache in segments])
-        return self.model.forward_batch(segments, **options)
+    assert len(recorder.passes[0]) < total
 
 
 def test_a_job_takes_the_cache_a_job_that_left_gave_back_and_gets_its_own_tokens(make_scheduler, alone, path,
@@ -274,7 +261,7 @@ def test_a_job_takes_the_cache_a_job_that_left_gave_back_and_gets_its_own_tokens
     scheduler.submit(job("short", "Hello", 12, second, temperature=1.0, seed=2))
     assert isinstance(second.wait(), JobEnded)
     assert released(second) == alone("Hello", 12, temperature=1.0, seed=2)
-    assert recorder.caches[0][0] is recorder.caches[-1][0]   # the first job's cache served the second
+    assert recorder.passes[0][0] is recorder.passes[-1][0]   # the first job's cache served the second
     wait_until(lambda: scheduler.memory_bytes() == baseline)
 
 
