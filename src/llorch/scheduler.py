@@ -2,16 +2,17 @@
 (spec 14).
 
 Each step the scheduler retires cancelled jobs, admits queued ones up to max_batch (a generation Session
-each, with the KV cache a job that left, if any, gave back), then runs ONE stacked pass (`model.forward_batch`): the next token of every
-decoding job, plus at most step_tokens rows of the prompts still being prefilled, taken in admission order
-and split at any position. A prompt's rows that the prefix cache holds are copied instead of computed. While
-few jobs decode, a greedy job's next token brings its drafts along (llorch.generate.LookupDrafter: exact
-speculative decoding) within what the prompts left of the budget. Each job whose row completes a token hands
-it to its Session (a drafting job its rows, while they confirm its drafts); the jobs that finished leave. So
-a long prompt never holds the running streams for more than one step's budget. Jobs join and leave only
-between steps; each row is computed bitwise as if its job ran alone, so neither batching, chunking, drafts
-nor the prefix cache change a job's tokens. Woken from idle, the scheduler waits a moment (gather_s) for
-the jobs sent together with the first, so that a burst starts, and ends, in one step.
+each, with the KV cache a job that left gave back, if any), then runs ONE stacked pass
+(`model.forward_batch`): the next token of every decoding job, plus at most step_tokens rows of the prompts
+still being prefilled, taken in admission order and split at any position. A prompt's rows that the prefix
+cache holds are copied instead of computed. While few jobs decode, a greedy job's next token brings its
+drafts along (llorch.generate.LookupDrafter: exact speculative decoding) within what the prompts left of the
+budget. Each job whose row completes a token hands it to its Session (a drafting job its rows, while they
+confirm its drafts); the jobs that finished leave. So a long prompt never holds the running streams for more
+than one step's budget. Jobs join and leave only between steps; each row is computed bitwise as if its job
+ran alone, so neither batching, chunking, drafts nor the prefix cache change a job's tokens. Woken from idle,
+the scheduler waits a moment (gather_s) for the jobs sent together with the first, so that a burst starts,
+and ends, in one step.
 
 Everything that touches the model runs on the scheduler thread: the model is not thread-safe. Other threads
 only submit and cancel jobs, under a lock, and receive a job's events -- JobStarted, TokenReleased, then
