@@ -197,8 +197,8 @@ def test_draining_finishes_running_jobs_and_stop_cancels_the_rest(make_scheduler
     assert scheduler.counts() == (0, 0)
 
 
-class CacheRecorder:
-    """The model, recording the KV caches each stacked pass continues, one per sequence."""
+class PassRecorder:
+    """The model, recording each stacked pass's segments as (cache, its length before, rows)."""
 
     def __init__(self, model) -> None:
         self.model, self.passes = model, []
@@ -207,8 +207,15 @@ class CacheRecorder:
         return getattr(self.model, name)
 
     def forward_batch(self, segments, **options):
-        self.passes.append([cache for _, cache in segments])
+        self.passes.append([(cache, cache.length, len(ids)) for ids, cache in segments])
         return self.model.forward_batch(segments, **options)
+
+    def ended_inside_a_draft(self, prompt_ids: list[int], tokens_out: int) -> bool:
+        """With one job running: whether its last token came from a drafted row of its last pass (not the
+        pass's first)."""
+        _, length, rows = self.passes[-1][0]
+        taken_before = length - len(prompt_ids) + 1     # a decode pass runs the last token at position length
+        return length >= len(prompt_ids) and rows > 1 and tokens_out - 1 > taken_before
 
 
 def submit_spaced(scheduler: Scheduler, n: int, every_s: float) -> list[Sink]:
@@ -224,11 +231,11 @@ def submit_spaced(scheduler: Scheduler, n: int, every_s: float) -> list[Sink]:
 def test_jobs_sent_together_to_an_idle_scheduler_start_in_one_step(make_scheduler, alone, path):
     """Each job comes within gather_s of the one before: the first pass runs every prompt, and the jobs end
     together, with the tokens they get alone."""
-    recorder = CacheRecorder(llorch.load(path))
+    recorder = PassRecorder(llorch.load(path))
     scheduler = make_scheduler(load=lambda: recorder, gather_s=0.5)
     sinks = submit_spaced(scheduler, 4, 0.05)
     assert all(isinstance(sink.wait(), JobEnded) for sink in sinks)
-    assert [len(caches) for caches in recorder.passes] == [4, 4, 4]   # the prompts, then two decode steps
+    assert [len(segments) for segments in recorder.passes] == [4, 4, 4]   # the prompts, then two decode steps
     assert [released(sink) for sink in sinks] == [alone(f"Job {i} of a burst:", 3) for i in range(4)]
 
 
@@ -239,7 +246,7 @@ def test_a_full_batch_or_the_gathering_limit_ends_the_wait(make_scheduler, path)
     assert all(isinstance(sink.wait(), JobEnded) for sink in submit_spaced(scheduler, 2, 0.0))
     assert time.monotonic() - started < 15.0
     # jobs that keep coming wait GATHER_INTERVALS * gather_s at most: the first step leaves later ones out
-    recorder = CacheRecorder(llorch.load(path))
+    recorder = PassRecorder(llorch.load(path))
     scheduler = make_scheduler(max_batch=64, max_queue=64, load=lambda: recorder, gather_s=0.05)
     total = round(3 * GATHER_INTERVALS * 0.05 / 0.02)   # 1.5 s of jobs every 0.02 s: three times the limit
     assert all(isinstance(sink.wait(), JobEnded) for sink in submit_spaced(scheduler, total, 0.02))
@@ -251,7 +258,7 @@ def test_a_job_takes_the_cache_a_job_that_left_gave_back_and_gets_its_own_tokens
     """The cache keeps the long prompt's rows, none of which the next job reads; after SPARE_CACHES_IDLE_S
     of idleness the spare cache is dropped and memory is back at the weights and the prefix cache."""
     monkeypatch.setattr(llorch.scheduler, "SPARE_CACHES_IDLE_S", 1.0)
-    recorder = CacheRecorder(llorch.load(path))
+    recorder = PassRecorder(llorch.load(path))
     scheduler, first, second = make_scheduler(load=lambda: recorder, cache_bytes=0), Sink(), Sink()
     one_cache = 2 * LONG_TINY.n_layer * LONG_TINY.n_positions * LONG_TINY.n_embd * 4
     baseline = scheduler.memory_bytes()
@@ -261,7 +268,7 @@ def test_a_job_takes_the_cache_a_job_that_left_gave_back_and_gets_its_own_tokens
     scheduler.submit(job("short", "Hello", 12, second, temperature=1.0, seed=2))
     assert isinstance(second.wait(), JobEnded)
     assert released(second) == alone("Hello", 12, temperature=1.0, seed=2)
-    assert recorder.passes[0][0] is recorder.passes[-1][0]   # the first job's cache served the second
+    assert recorder.passes[0][0][0] is recorder.passes[-1][0][0]   # the first job's cache served the second
     wait_until(lambda: scheduler.memory_bytes() == baseline)
 
 
@@ -327,27 +334,6 @@ def test_without_a_prefix_cache_nothing_is_reused(make_scheduler, alone):
 
 
 # --- exact speculative decoding of greedy jobs -----------------------------------------------------------
-
-class PassRecorder:
-    """The model, recording each stacked pass's first segment as (cache length before, rows): with one job
-    running, its passes."""
-
-    def __init__(self, model) -> None:
-        self.model, self.passes = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def forward_batch(self, segments, **options):
-        self.passes.append((segments[0][1].length, len(segments[0][0])))
-        return self.model.forward_batch(segments, **options)
-
-    def ended_inside_a_draft(self, prompt_ids: list[int], tokens_out: int) -> bool:
-        """Whether the job's last token came from a drafted row of its last pass (not the pass's first)."""
-        length, rows = self.passes[-1]
-        taken_before = length - len(prompt_ids) + 1     # a decode pass runs the last token at position length
-        return length >= len(prompt_ids) and rows > 1 and tokens_out - 1 > taken_before
-
 
 @pytest.fixture(scope="module")
 def trained(trained_checkpoint):
