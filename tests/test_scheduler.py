@@ -260,7 +260,8 @@ def test_a_job_takes_the_cache_a_job_that_left_gave_back_and_gets_its_own_tokens
     monkeypatch.setattr(llorch.scheduler, "SPARE_CACHES_IDLE_S", 1.0)
     recorder = PassRecorder(llorch.load(path))
     scheduler, first, second = make_scheduler(load=lambda: recorder, cache_bytes=0), Sink(), Sink()
-    one_cache = 2 * LONG_TINY.n_layer * LONG_TINY.n_positions * LONG_TINY.n_embd * 4
+    cache = recorder.new_cache()
+    one_cache = cache.k.nbytes + cache.v.nbytes   # what memory_bytes counts for a cache, from a real one
     baseline = scheduler.memory_bytes()
     scheduler.submit(job("long", LONG_PROMPT, 30, first, temperature=1.0, seed=1))
     assert isinstance(first.wait(), JobEnded)
